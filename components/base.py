@@ -1,0 +1,404 @@
+"""The ``base`` stage: the teacher (BAGEL's role), trained on the world data or imported.
+
+``source: train`` trains, in one stage:
+
+1. steps ``[0, ae_steps)``: the autoencoder (the latent space, BAGEL's VAE role);
+2. steps ``[ae_steps, steps)``: the generation expert by flow matching in that latent space
+   (BAGEL's loss: MSE between the predicted velocity and ``eps - x0`` at
+   ``x_t = (1 - t) x0 + t eps``, logit-normal ``t`` shifted by 3), on a mix of T2I pairs and
+   edit triplets, with text and source-image dropout so the CFG passes exist; an EMA of
+   its weights is exported;
+3. every step: the understanding expert (next-token cross-entropy on answers and captions).
+
+``source: import`` loads a base checkpoint from ``import_path`` (verified against
+``import_md5`` before anything reads it) and exports it unchanged, with its lineage.
+Every random draw of a step comes from a generator seeded by (seed, step, rank), so a
+resumed run continues exactly as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from pydantic import Field, model_validator
+
+from components import checkpoints, sampling
+from components.base_data import CAPTION_PROMPT, Rows, WorldSets, load_world
+from components.inference import Teacher, autocast
+from components.models.autoencoder import Autoencoder, AutoencoderConfig
+from components.models.generator import GenCondition, Generator, GeneratorConfig
+from components.models.tokens import Tokenizer, split
+from components.models.understanding import IGNORE, Understanding, UnderstandingConfig
+from components.training import Export, StageContext, TrainParams, TrainState
+
+CALIBRATION_IMAGES = 512
+
+
+class Params(TrainParams):
+    source: Literal["train", "import"] = "train"
+    import_path: str | None = Field(None, description="base checkpoint directory to import")
+    import_md5: str | None = Field(None, description="its DVC directory md5, checked before use")
+
+    steps: int = Field(3000, ge=1)
+    batch_size: int = Field(64, ge=1, le=4096, description="generation expert batch")
+    lr: float = Field(5e-4, gt=0, le=1.0, description="generation expert learning rate")
+    checkpoint_every: int = Field(250, ge=1)
+    log_every: int = Field(25, ge=1)
+    warmup: int = Field(100, ge=0, description="linear learning-rate warm-up steps (each expert)")
+    bf16: bool = Field(True, description="bfloat16 autocast (AMX on recent CPUs)")
+    data_limit: int | None = Field(None, ge=1, description="read at most this many rows per data set")
+
+    ae_steps: int = Field(300, ge=1, description="autoencoder steps, before the generation expert")
+    ae_batch_size: int = Field(32, ge=1)
+    ae_lr: float = Field(2e-3, gt=0)
+    ae_channels: tuple[int, int] = (32, 64)
+    latent_channels: int = Field(4, ge=1)
+
+    gen_width: int = Field(192, ge=16)
+    gen_depth: int = Field(6, ge=1)
+    gen_heads: int = Field(4, ge=1)
+    gen_patch: int = Field(2, ge=1)
+    gen_text_layers: int = Field(2, ge=0)
+    max_text_len: int = Field(32, ge=4)
+    edit_fraction: float = Field(0.5, ge=0, le=1, description="share of edit triplets in a batch")
+    text_dropout: float = Field(0.1, ge=0, le=1, description="P(text dropped): the text-free CFG pass")
+    image_dropout: float = Field(0.1, ge=0, le=1, description="P(source dropped): the image-free CFG pass")
+    ema_decay: float = Field(0.999, ge=0, lt=1)
+
+    und_hidden: int = Field(128, ge=16)
+    und_layers: int = Field(16, ge=1)
+    und_heads: int = Field(4, ge=1)
+    und_kv_heads: int = Field(2, ge=1)
+    und_intermediate: int = Field(384, ge=16)
+    und_grid: int = Field(8, ge=1)
+    und_batch_size: int = Field(32, ge=1)
+    und_lr: float = Field(1e-3, gt=0)
+    und_every: int = Field(1, ge=1, description="train the understanding expert every N steps")
+
+    sample_steps: int = Field(50, ge=1, description="Euler steps of the exported sample grids")
+    eval_rows: int = Field(128, ge=0, description="held-out Q&A rows scored by evaluate")
+
+    @model_validator(mode="after")
+    def _check(self) -> "Params":
+        if self.source == "import" and not (self.import_path and self.import_md5):
+            raise ValueError("source 'import' needs import_path and import_md5")
+        if self.source == "train" and self.ae_steps >= self.steps:
+            raise ValueError(f"ae_steps ({self.ae_steps}) must be below steps ({self.steps})")
+        return self
+
+
+class Clock(torch.nn.Module):
+    """Training seconds, kept in the training state so resumes add up."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("seconds", torch.zeros((), dtype=torch.float64))
+
+
+def _raw(m: torch.nn.Module) -> torch.nn.Module:
+    return getattr(m, "module", m)
+
+
+# ---------------------------------------------------------------- setup
+
+def build_teacher(p: Params, tok: Tokenizer) -> Teacher:
+    ae = Autoencoder(AutoencoderConfig(latent_channels=p.latent_channels, channels=p.ae_channels))
+    gen = Generator(GeneratorConfig(
+        vocab_size=len(tok), pad_id=tok.pad_id, max_text_len=p.max_text_len, in_channels=p.latent_channels,
+        sample_size=ae.cfg.latent_size, patch_size=p.gen_patch, width=p.gen_width, depth=p.gen_depth,
+        heads=p.gen_heads, text_layers=p.gen_text_layers))
+    und = Understanding(UnderstandingConfig(
+        vocab_size=len(tok), pad_id=tok.pad_id, sep_id=tok.sep_id, eos_id=tok.eos_id, hidden=p.und_hidden,
+        layers=p.und_layers, heads=p.und_heads, kv_heads=p.und_kv_heads, intermediate=p.und_intermediate,
+        grid=p.und_grid))
+    return Teacher(ae, gen, und, tok, bf16=p.bf16)
+
+
+def _tokenizer(world: WorldSets) -> Tokenizer:
+    texts = list(world.t2i.texts)
+    for rows in (world.edit, world.und_train, world.und_heldout):
+        if rows is not None:
+            texts += rows.texts + rows.answers
+    return Tokenizer.from_texts(texts)
+
+
+def setup(ctx: StageContext) -> TrainState:
+    p: Params = ctx.params
+    if p.source == "import":
+        return _setup_import(ctx)
+    if ctx.data_dir is None:
+        raise ValueError("the base stage trains on the world data; no data directory was given")
+    world = load_world(ctx.data_dir, limit=p.data_limit)
+    tok = _tokenizer(world)
+    teacher = build_teacher(p, tok)
+    ema = Generator(teacher.generator.cfg)
+    ema.load_state_dict(teacher.generator.state_dict())
+    ema.requires_grad_(False)
+    modules = {"autoencoder": ctx.wrap_module(teacher.autoencoder), "generator": ctx.wrap_module(teacher.generator),
+               "generator_ema": ema, "understanding": ctx.wrap_module(teacher.understanding), "clock": Clock()}
+    optimizers = {
+        "ae": torch.optim.AdamW(modules["autoencoder"].parameters(), lr=p.ae_lr, weight_decay=0.0),
+        "gen": torch.optim.AdamW(modules["generator"].parameters(), lr=p.lr, weight_decay=0.0),
+        "und": torch.optim.AdamW(modules["understanding"].parameters(), lr=p.und_lr, weight_decay=0.01),
+    }
+    data = {"world": world, "gen_text": {}, "und": _und_rows(world, teacher)}
+    return TrainState(modules, optimizers, data, extra={"params": p, "rank": ctx.rank, "teacher": teacher})
+
+
+def _setup_import(ctx: StageContext) -> TrainState:
+    p: Params = ctx.params
+    path = ctx.extra.get("import") or Path(str(p.import_path))
+    if "://" in str(path):
+        raise ValueError(f"import_path {path} is remote: fetch it to a local directory first")
+    ckpt = checkpoints.load_checkpoint(Path(path), p.import_md5)
+    teacher = Teacher.from_parts(ckpt.config, ckpt.tensors)
+    teacher.bf16 = p.bf16
+    lineage = {"path": str(path), "md5": p.import_md5,
+               **{k: ckpt.manifest.get(k) for k in ("stage", "profile", "git_sha", "params_hash", "mlflow_run_id",
+                                                     "prefect_flow_run_id", "data", "parent")}}
+    metrics = ckpt.manifest.get("metrics") or {}
+    return TrainState({}, {}, None, extra={"params": p, "teacher": teacher, "imported": lineage,
+                                           "imported_metrics": metrics})
+
+
+def _und_rows(world: WorldSets, teacher: Teacher) -> list[tuple[list[int], list[int]]] | None:
+    if world.und_train is None:
+        return None
+    tok = teacher.tokenizer
+    return [(teacher.prompt_ids(q), tok.encode(a) + [tok.eos_id])
+            for q, a in zip(world.und_train.texts, world.und_train.answers)]
+
+
+# ---------------------------------------------------------------- training
+
+def _lr(base: float, step: int, warmup: int) -> float:
+    return base * min(1.0, (step + 1) / max(1, warmup))
+
+
+def _set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
+    for group in opt.param_groups:
+        group["lr"] = lr
+
+
+def _images(u8: torch.Tensor) -> torch.Tensor:
+    return u8.float() / 127.5 - 1.0
+
+
+def train_step(state: TrainState, step: int) -> dict[str, float]:
+    p: Params = state.extra["params"]
+    if p.source == "import":
+        return {}
+    t0 = time.time()
+    g = torch.Generator().manual_seed(p.seed * 1_000_003 + step * 7919 + state.extra["rank"])
+    metrics: dict[str, float] = {}
+    if step < p.ae_steps:
+        metrics.update(_ae_step(state, step, g))
+    else:
+        metrics.update(_gen_step(state, step - p.ae_steps, g))
+    if state.data["und"] is not None and step % p.und_every == 0:
+        metrics.update(_und_step(state, step // p.und_every, g))
+    clock = state.modules["clock"].seconds
+    clock += time.time() - t0
+    metrics["train_s"] = float(clock)
+    return metrics
+
+
+def _ae_step(state: TrainState, step: int, g: torch.Generator) -> dict[str, float]:
+    p: Params = state.extra["params"]
+    t2i = state.data["world"].t2i
+    idx = torch.randint(0, len(t2i), (p.ae_batch_size,), generator=g)
+    ae, opt = state.modules["autoencoder"], state.optimizers["ae"]
+    _set_lr(opt, _lr(p.ae_lr, step, p.warmup))
+    with autocast(p.bf16):
+        loss, logs = ae(_images(t2i.images[idx]))
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return logs
+
+
+def _latents(state: TrainState) -> dict[str, torch.Tensor]:
+    """Normalised latents of every T2I image and edit pair; the autoencoder is frozen from here on
+    (calibrated once, when the generation phase starts; a resumed run restores the calibration)."""
+    cache = state.data.get("latents")
+    if cache is not None:
+        return cache
+    p: Params = state.extra["params"]
+    ae: Autoencoder = _raw(state.modules["autoencoder"])
+    world = state.data["world"]
+    if not ae.is_calibrated:
+        ae.calibrate(_images(world.t2i.images[:CALIBRATION_IMAGES]))
+    ae.eval().requires_grad_(False)
+
+    def enc(u8: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad(), autocast(p.bf16):
+            return torch.cat([ae.encode(_images(u8[i:i + 256])).float() for i in range(0, len(u8), 256)])
+
+    cache = {"t2i": enc(world.t2i.images)}
+    if world.edit is not None:
+        cache["edit_src"], cache["edit_tgt"] = enc(world.edit.images), enc(world.edit.targets)
+    state.data["latents"] = cache
+    return cache
+
+
+def _text_ids(state: TrainState, kind: str, texts: list[str]) -> torch.Tensor:
+    ids = state.data["gen_text"].get(kind)
+    if ids is None:
+        ids = state.data["gen_text"][kind] = state.extra["teacher"].text_ids(texts)
+    return ids
+
+
+def _gen_batch(state: TrainState, g: torch.Generator) -> tuple[torch.Tensor, GenCondition]:
+    """A batch of T2I pairs and edit triplets with text and source dropout."""
+    p: Params = state.extra["params"]
+    world, lat = state.data["world"], _latents(state)
+    pad = state.extra["teacher"].tokenizer.pad_id
+    n_edit = round(p.batch_size * p.edit_fraction) if world.edit is not None else 0
+    n_t2i = p.batch_size - n_edit
+    i_t = torch.randint(0, len(world.t2i), (n_t2i,), generator=g)
+    x0, text = lat["t2i"][i_t], _text_ids(state, "t2i", world.t2i.texts)[i_t]
+    src, has = torch.zeros_like(x0), torch.zeros(n_t2i)
+    if n_edit:
+        i_e = torch.randint(0, len(world.edit), (n_edit,), generator=g)
+        x0 = torch.cat([x0, lat["edit_tgt"][i_e]])
+        text = torch.cat([text, _text_ids(state, "edit", world.edit.texts)[i_e]])
+        src = torch.cat([src, lat["edit_src"][i_e]])
+        has = torch.cat([has, (torch.rand(n_edit, generator=g) >= p.image_dropout).float()])
+    drop = torch.rand(p.batch_size, generator=g) < p.text_dropout
+    text = torch.where(drop[:, None], torch.full_like(text, pad), text)
+    return x0, GenCondition(text, src, has, pad_id=pad)
+
+
+def _gen_step(state: TrainState, step: int, g: torch.Generator) -> dict[str, float]:
+    """BAGEL's flow-matching loss: ``|v(x_t, t, c) - (eps - x0)|^2`` at ``x_t = (1 - t) x0 + t eps``."""
+    p: Params = state.extra["params"]
+    x0, cond = _gen_batch(state, g)
+    noise = torch.randn(x0.shape, generator=g)
+    t = sampling.sample_train_t(x0.shape[0], generator=g)
+    model, opt = state.modules["generator"], state.optimizers["gen"]
+    _set_lr(opt, _lr(p.lr, step, p.warmup))
+    with autocast(p.bf16):
+        v = model(sampling.interpolate(x0, noise, t), t, cond)
+    loss = F.mse_loss(v.float(), sampling.velocity_target(x0, noise))
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    _ema_update(state.modules["generator_ema"], _raw(model), min(p.ema_decay, (1 + step) / (10 + step)))
+    return {"gen_loss": loss.item()}
+
+
+@torch.no_grad()
+def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    for e, m in zip(ema.parameters(), model.parameters()):
+        e.lerp_(m, 1.0 - decay)
+
+
+def _und_batch(state: TrainState, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Images, right-padded ``question sep answer eos`` ids, labels on the answer and eos only."""
+    p: Params = state.extra["params"]
+    rows = state.data["und"]
+    idx = torch.randint(0, len(rows), (p.und_batch_size,), generator=g)
+    width = max(len(rows[i][0]) + len(rows[i][1]) for i in idx.tolist())
+    ids = torch.full((len(idx), width), state.extra["teacher"].tokenizer.pad_id, dtype=torch.long)
+    labels = torch.full((len(idx), width), IGNORE, dtype=torch.long)
+    for r, i in enumerate(idx.tolist()):
+        q, a = rows[i]
+        ids[r, :len(q) + len(a)] = torch.tensor(q + a)
+        labels[r, len(q):len(q) + len(a)] = torch.tensor(a)
+    return _images(state.data["world"].und_train.images[idx]), ids, labels
+
+
+def _und_step(state: TrainState, step: int, g: torch.Generator) -> dict[str, float]:
+    p: Params = state.extra["params"]
+    images, ids, labels = _und_batch(state, g)
+    model, opt = state.modules["understanding"], state.optimizers["und"]
+    _set_lr(opt, _lr(p.und_lr, step, p.warmup))
+    with autocast(p.bf16):
+        loss = model(images, ids, labels)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return {"und_loss": loss.item()}
+
+
+# ---------------------------------------------------------------- export and evaluation
+
+def final_teacher(state: TrainState) -> Teacher:
+    """The stage's model: the imported teacher, or the trained experts with the EMA generator."""
+    t: Teacher = state.extra["teacher"]
+    if state.extra["params"].source == "import":
+        return t
+    m = state.modules
+    return Teacher(_raw(m["autoencoder"]).eval(), m["generator_ema"].eval(), _raw(m["understanding"]).eval(),
+                   t.tokenizer, bf16=t.bf16)
+
+
+def export(state: TrainState) -> Export:
+    teacher = final_teacher(state)
+    config = teacher.config()
+    if "imported" in state.extra:
+        config["imported_from"] = state.extra["imported"]
+    samples = _samples(state, teacher) if state.data is not None else {}
+    return Export(teacher.tensors(), config, samples)
+
+
+def _hwc(u8: torch.Tensor) -> np.ndarray:
+    return u8.permute(0, 2, 3, 1).numpy()
+
+
+def _row(images: np.ndarray) -> np.ndarray:
+    return np.concatenate(list(images), axis=1)
+
+
+def _samples(state: TrainState, teacher: Teacher, n: int = 8) -> dict[str, np.ndarray]:
+    """T2I samples of the first prompts (a row), edits as source | result | reference rows."""
+    p: Params = state.extra["params"]
+    world: WorldSets = state.data["world"]
+    prompts = world.t2i.texts[:n]
+    out = {"t2i": _row(teacher.generate(prompts, seed=p.seed, num_steps=p.sample_steps))}
+    state.extra["nfe_t2i"] = teacher.last_nfe
+    if world.edit is not None:
+        k = min(4, len(world.edit))
+        src = _hwc(world.edit.images[:k])
+        res = teacher.edit(src, world.edit.texts[:k], seed=p.seed, num_steps=p.sample_steps)
+        ref = _hwc(world.edit.targets[:k])
+        state.extra["nfe_edit"] = teacher.last_nfe
+        out["edit"] = np.concatenate([_row(np.stack(r)) for r in zip(src, res, ref)], axis=0)
+    return out
+
+
+def evaluate(state: TrainState) -> dict[str, float]:
+    """Held-out exact-answer accuracy (Q&A rows, not captions), NFE counted while sampling, train_s."""
+    p: Params = state.extra["params"]
+    out: dict[str, float] = {}
+    if "imported" in state.extra:
+        out.update({k: float(v) for k, v in state.extra["imported_metrics"].items()
+                    if k in ("train_s",) and isinstance(v, (int, float))})
+    else:
+        out["train_s"] = float(state.modules["clock"].seconds)
+    for key in ("nfe_t2i", "nfe_edit"):
+        if key in state.extra:
+            out[key] = float(state.extra[key])
+    held = state.data["world"].und_heldout if state.data is not None else None
+    if held is not None and p.eval_rows:
+        out["und_heldout_acc"] = answer_accuracy(final_teacher(state), held, p.eval_rows)
+    return out
+
+
+def answer_accuracy(teacher: Teacher, rows: Rows, limit: int, batch: int = 32) -> float:
+    """Share of Q&A rows (captions excluded) whose greedy answer equals the reference word for word."""
+    idx = [i for i, q in enumerate(rows.texts) if q != CAPTION_PROMPT][:limit]
+    if not idx:
+        return math.nan
+    right = 0
+    for s in range(0, len(idx), batch):
+        part = idx[s:s + batch]
+        answers = teacher.ask(_hwc(rows.images[part]), [rows.texts[i] for i in part])
+        right += sum(split(a) == split(rows.answers[i]) for a, i in zip(answers, part))
+    return right / len(idx)

@@ -1,0 +1,172 @@
+"""The base model (teacher) as one object: load a checkpoint, then generate, edit, ask.
+
+``Teacher.load(path, md5)`` reads a ``base`` checkpoint (safetensors + JSON, md5-verified
+when given). ``generate`` runs BAGEL's T2I CFG (text 4, 50 steps, 100 NFE), ``edit`` its
+editing CFG (4 / 1.5, interval [0.4, 1], 132 NFE), ``ask`` greedy KV-cache decoding.
+Bad input raises a :class:`InputError` (a ``ValueError``) that says what is wrong: words
+the model does not know (named, from the world vocabulary), a text that is too long, an
+image that is not 64x64 RGB.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from components import checkpoints, sampling
+from components.models.autoencoder import Autoencoder, AutoencoderConfig
+from components.models.generator import GenCondition, Generator, GeneratorConfig
+from components.models.understanding import Understanding, UnderstandingConfig
+from components.models.tokens import Tokenizer, UnknownWordError
+
+FORMAT = "hyperbagel-base/1"
+PARTS = ("autoencoder", "generator", "understanding")
+
+
+class InputError(ValueError):
+    """Input the model cannot take; the message says what and why."""
+
+
+class TextTooLongError(InputError):
+    pass
+
+
+class ImageSizeError(InputError):
+    pass
+
+
+def to_tensor(images: np.ndarray | list[np.ndarray], size: int = 64) -> torch.Tensor:
+    """HxWx3 uint8 image(s) -> (B, 3, H, W) float in [-1, 1]; anything else is an ImageSizeError."""
+    arr = np.asarray(images)
+    if arr.ndim == 3:
+        arr = arr[None]
+    if arr.ndim != 4 or arr.shape[1:] != (size, size, 3):
+        raise ImageSizeError(f"images must be {size}x{size} RGB; got an array of shape {tuple(arr.shape)}")
+    return torch.from_numpy(arr.astype(np.float32)).permute(0, 3, 1, 2) / 127.5 - 1.0
+
+
+def to_uint8(x: torch.Tensor) -> np.ndarray:
+    """(B, 3, H, W) in [-1, 1] -> (B, H, W, 3) uint8."""
+    x = ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return x.permute(0, 2, 3, 1).cpu().numpy()
+
+
+def autocast(enabled: bool):
+    return torch.autocast("cpu", dtype=torch.bfloat16) if enabled else contextlib.nullcontext()
+
+
+@dataclass
+class Teacher:
+    autoencoder: Autoencoder
+    generator: Generator
+    understanding: Understanding
+    tokenizer: Tokenizer
+    bf16: bool = True
+    last_nfe: int = 0
+
+    # ------------------------------------------------------------ persistence
+
+    def config(self) -> dict[str, Any]:
+        return {"format": FORMAT, "vocab": self.tokenizer.tokens(),
+                "autoencoder": self.autoencoder.cfg.model_dump(mode="json"),
+                "generator": self.generator.cfg.model_dump(mode="json"),
+                "understanding": self.understanding.cfg.model_dump(mode="json")}
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        for name in PARTS:
+            out.update(checkpoints.module_tensors(name, getattr(self, name)))
+        return out
+
+    @classmethod
+    def from_parts(cls, config: dict[str, Any], tensors: dict[str, torch.Tensor] | None = None) -> "Teacher":
+        if config.get("format") != FORMAT:
+            raise InputError(f"not a base-model checkpoint (format {config.get('format')!r}, expected {FORMAT!r})")
+        tok = Tokenizer.from_tokens(config["vocab"])
+        t = cls(Autoencoder(AutoencoderConfig(**config["autoencoder"])),
+                Generator(GeneratorConfig(**config["generator"])),
+                Understanding(UnderstandingConfig(**config["understanding"])), tok)
+        if tensors is not None:
+            for name in PARTS:
+                getattr(t, name).load_state_dict(checkpoints.sub_state(tensors, name))
+        for name in PARTS:
+            getattr(t, name).eval()
+        return t
+
+    @classmethod
+    def load(cls, path: Path, expected_md5: str | None = None) -> "Teacher":
+        ckpt = checkpoints.load_checkpoint(Path(path), expected_md5)
+        return cls.from_parts(ckpt.config, ckpt.tensors)
+
+    # ------------------------------------------------------------ text
+
+    def text_ids(self, texts: list[str]) -> torch.Tensor:
+        """Fixed-length, padded ids for the generator; unknown words or too long: InputError."""
+        n = self.generator.cfg.max_text_len
+        rows = []
+        for text in texts:
+            ids = self.encode(text)
+            if len(ids) > n:
+                raise TextTooLongError(f"{text!r} has {len(ids)} tokens; the model reads at most {n}")
+            rows.append(ids + [self.tokenizer.pad_id] * (n - len(ids)))
+        return torch.tensor(rows, dtype=torch.long)
+
+    def encode(self, text: str) -> list[int]:
+        try:
+            return self.tokenizer.encode(text)
+        except UnknownWordError as e:
+            raise InputError(str(e)) from None
+
+    # ------------------------------------------------------------ generation
+
+    def _velocity(self, x: torch.Tensor, t: torch.Tensor, cond: GenCondition) -> torch.Tensor:
+        with autocast(self.bf16):
+            return self.generator(x, t, cond).float()
+
+    def _sample(self, cond: GenCondition, seed: int, num_steps: int, cfg: sampling.CFG) -> np.ndarray:
+        g = self.generator.cfg
+        shape = (cond.text.shape[0], g.in_channels, g.sample_size, g.sample_size)
+        noise = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+        conds = sampling.Conditions(cond, cond.without_text(), cond.without_image())
+        counter = sampling.NFECounter(self._velocity)
+        with torch.no_grad():
+            z = sampling.sample(counter, noise, conds, num_steps=num_steps, cfg=cfg, token_patch=g.patch_size)
+            images = self.autoencoder.decode(z)
+        self.last_nfe = counter.nfe
+        return to_uint8(images)
+
+    def generate(self, prompts: list[str], seed: int = 0, num_steps: int = 50,
+                 cfg: sampling.CFG = sampling.T2I_CFG) -> np.ndarray:
+        """(B, 64, 64, 3) uint8 images for ``prompts``."""
+        return self._sample(GenCondition(self.text_ids(prompts), pad_id=self.tokenizer.pad_id), seed, num_steps, cfg)
+
+    def edit(self, images: np.ndarray, instructions: list[str], seed: int = 0, num_steps: int = 50,
+             cfg: sampling.CFG = sampling.EDIT_CFG) -> np.ndarray:
+        """Edited (B, 64, 64, 3) uint8 images; ``images`` is (B, 64, 64, 3) uint8."""
+        src = to_tensor(images, self.autoencoder.cfg.image_size)
+        if src.shape[0] != len(instructions):
+            raise InputError(f"{src.shape[0]} images but {len(instructions)} instructions")
+        ids = self.text_ids(instructions)
+        with torch.no_grad():
+            z_src = self.autoencoder.encode(src)
+        return self._sample(GenCondition(ids, z_src, pad_id=self.tokenizer.pad_id), seed, num_steps, cfg)
+
+    # ------------------------------------------------------------ understanding
+
+    def prompt_ids(self, question: str) -> list[int]:
+        return self.encode(question) + [self.tokenizer.sep_id]
+
+    def ask(self, images: np.ndarray, questions: list[str], max_new_tokens: int = 64) -> list[str]:
+        """Greedy answers to ``questions`` about ``images`` ((B, 64, 64, 3) uint8)."""
+        x = to_tensor(images, self.understanding.cfg.image_size)
+        if x.shape[0] != len(questions):
+            raise InputError(f"{x.shape[0]} images but {len(questions)} questions")
+        prompts = [self.prompt_ids(q) for q in questions]
+        with autocast(self.bf16):
+            answers = self.understanding.generate(x, prompts, max_new_tokens)
+        return [self.tokenizer.decode(a) for a in answers]

@@ -1,0 +1,93 @@
+"""A small convolutional autoencoder: the generation expert's latent space (BAGEL's VAE role).
+
+64x64 RGB in [-1, 1] <-> a ``latent_channels x 16 x 16`` latent (4x down per side). Strided
+convolutions go down and sub-pixel convolutions (pixel shuffle) go up, so no convolution
+runs at full resolution. The decoder is trained on slightly noised latents, so it maps the
+small errors a sampler leaves back to clean, flat-coloured shapes. ``calibrate`` stores
+the latents' mean and standard deviation (buffers, saved with the weights) so the
+flow model works on unit-variance latents, as diffusers' ``scaling_factor`` does.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+
+
+class AutoencoderConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    image_size: int = Field(64, ge=8)
+    latent_channels: int = Field(4, ge=1)
+    channels: tuple[int, int] = (32, 64)   # at 1/2 and 1/4 resolution
+    latent_noise: float = Field(0.1, ge=0, description="decoder training noise, relative to the latent std")
+
+    @property
+    def latent_size(self) -> int:
+        return self.image_size // 4
+
+
+class ResBlock(nn.Module):
+    def __init__(self, ch: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(ch, ch, 3, padding=1)
+        self.conv2 = nn.Conv2d(ch, ch, 3, padding=1)
+        nn.init.zeros_(self.conv2.weight)
+        nn.init.zeros_(self.conv2.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.conv2(F.silu(self.conv1(F.silu(x))))
+
+
+class Autoencoder(nn.Module):
+    def __init__(self, cfg: AutoencoderConfig):
+        super().__init__()
+        self.cfg = cfg
+        c1, c2 = cfg.channels
+        z = cfg.latent_channels
+        self.encoder = nn.Sequential(
+            nn.Conv2d(3, c1, 4, stride=2, padding=1), ResBlock(c1),
+            nn.Conv2d(c1, c2, 4, stride=2, padding=1), ResBlock(c2), ResBlock(c2),
+            nn.SiLU(), nn.Conv2d(c2, z, 1))
+        self.decoder = nn.Sequential(
+            nn.Conv2d(z, c2, 3, padding=1), ResBlock(c2), ResBlock(c2),
+            nn.SiLU(), nn.Conv2d(c2, 4 * c1, 3, padding=1), nn.PixelShuffle(2), ResBlock(c1), ResBlock(c1),
+            nn.SiLU(), nn.Conv2d(c1, 4 * 3, 3, padding=1), nn.PixelShuffle(2))
+        self.register_buffer("latent_mean", torch.zeros(1, z, 1, 1))
+        self.register_buffer("latent_std", torch.ones(1, z, 1, 1))
+
+    def check_image(self, images: torch.Tensor) -> None:
+        s = self.cfg.image_size
+        if images.dim() != 4 or tuple(images.shape[1:]) != (3, s, s):
+            raise ValueError(f"expected images of shape (B, 3, {s}, {s}), got {tuple(images.shape)}")
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """Images in [-1, 1] -> normalised latents."""
+        self.check_image(images)
+        return (self.encoder(images) - self.latent_mean) / self.latent_std
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Normalised latents -> images (not clamped)."""
+        return self.decoder(latents * self.latent_std + self.latent_mean)
+
+    @property
+    def is_calibrated(self) -> bool:
+        return not (bool((self.latent_mean == 0).all()) and bool((self.latent_std == 1).all()))
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        """The training loss: reconstruction (L1 + MSE) from noised latents."""
+        z = self.encoder(images)
+        noise = torch.randn_like(z) * (self.cfg.latent_noise * z.detach().std())
+        rec = self.decoder(z + noise)
+        l1 = (rec - images).abs().mean()
+        mse = F.mse_loss(rec, images)
+        return l1 + mse, {"ae_l1": l1.item(), "ae_mse": mse.item()}
+
+    @torch.no_grad()
+    def calibrate(self, images: torch.Tensor) -> None:
+        """Set the latent normalisation from a batch of images (per-channel mean and std)."""
+        z = self.encoder(images)
+        self.latent_mean.copy_(z.mean(dim=(0, 2, 3), keepdim=True))
+        self.latent_std.copy_(z.std(dim=(0, 2, 3), keepdim=True).clamp_min(1e-6))

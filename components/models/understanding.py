@@ -1,0 +1,132 @@
+"""The understanding expert: a deep, narrow Qwen2 causal LM reading image patches as a prefix.
+
+Sequence: ``[image tokens] [question ids] [sep] [answer ids] [eos]``. A small conv encoder
+turns the 64x64 image into ``grid x grid`` patch embeddings (with learned positions) that
+enter the LM as ``inputs_embeds``; the loss is next-token cross-entropy on the answer and
+``eos`` only. Greedy decoding runs a prefill and then one token at a time on the LM's
+KV cache (``past_key_values``), with left padding so questions of different lengths batch.
+Deep (16 layers by default) so that a 2-layer speculative draft is cheap next to it.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+from transformers import Qwen2Config, Qwen2ForCausalLM
+
+IGNORE = -100
+
+
+class UnderstandingConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    vocab_size: int = Field(ge=2)
+    pad_id: int = Field(0, ge=0)
+    sep_id: int = Field(ge=0, description="ends the question, starts the answer")
+    eos_id: int = Field(ge=0)
+    hidden: int = Field(128, ge=16)
+    layers: int = Field(16, ge=1)
+    heads: int = Field(4, ge=1)
+    kv_heads: int = Field(2, ge=1)
+    intermediate: int = Field(384, ge=16)
+    max_positions: int = Field(256, ge=16)
+    image_size: int = Field(64, ge=16)
+    grid: int = Field(8, ge=1, description="image tokens per side")
+    encoder_channels: tuple[int, int] = (32, 64)
+
+    def lm_config(self) -> Qwen2Config:
+        return Qwen2Config(vocab_size=self.vocab_size, hidden_size=self.hidden, intermediate_size=self.intermediate,
+                           num_hidden_layers=self.layers, num_attention_heads=self.heads,
+                           num_key_value_heads=self.kv_heads, max_position_embeddings=self.max_positions,
+                           tie_word_embeddings=False, pad_token_id=self.pad_id, eos_token_id=self.eos_id,
+                           bos_token_id=None, use_sliding_window=False)
+
+
+class PatchEncoder(nn.Module):
+    """64x64 RGB -> (B, grid*grid, hidden): two strided convs, then one conv per patch."""
+
+    def __init__(self, cfg: UnderstandingConfig):
+        super().__init__()
+        c1, c2 = cfg.encoder_channels
+        quarter = cfg.image_size // 4
+        if quarter % cfg.grid:
+            raise ValueError(f"grid {cfg.grid} must divide image_size / 4 = {quarter}")
+        k = quarter // cfg.grid
+        self.net = nn.Sequential(nn.Conv2d(3, c1, 4, stride=2, padding=1), nn.SiLU(),
+                                 nn.Conv2d(c1, c2, 4, stride=2, padding=1), nn.SiLU(),
+                                 nn.Conv2d(c2, c2, 3, padding=1), nn.SiLU(),
+                                 nn.Conv2d(c2, cfg.hidden, k, stride=k))
+        self.pos = nn.Parameter(torch.randn(1, cfg.grid * cfg.grid, cfg.hidden) * 0.02)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.net(images).flatten(2).transpose(1, 2) + self.pos
+
+
+class Understanding(nn.Module):
+    def __init__(self, cfg: UnderstandingConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.encoder = PatchEncoder(cfg)
+        self.lm = Qwen2ForCausalLM(cfg.lm_config())
+
+    @property
+    def n_image_tokens(self) -> int:
+        return self.cfg.grid * self.cfg.grid
+
+    def check_image(self, images: torch.Tensor) -> None:
+        s = self.cfg.image_size
+        if images.dim() != 4 or tuple(images.shape[1:]) != (3, s, s):
+            raise ValueError(f"expected images of shape (B, 3, {s}, {s}), got {tuple(images.shape)}")
+
+    def _embed(self, images: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        self.check_image(images)
+        img = self.encoder(images).to(self.lm.dtype)
+        return torch.cat([img, self.lm.get_input_embeddings()(ids)], dim=1)
+
+    def forward(self, images: torch.Tensor, ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy of next-token prediction; ``labels`` is ``ids`` with IGNORE off the answer.
+
+        ``ids``/``labels`` are right-padded ``(B, T)``; the image prefix is never a target.
+        """
+        embeds = self._embed(images, ids)
+        logits = self.lm(inputs_embeds=embeds).logits[:, self.n_image_tokens - 1:-1]
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
+                               ignore_index=IGNORE)
+
+    @torch.no_grad()
+    def generate(self, images: torch.Tensor, prompts: list[list[int]], max_new_tokens: int = 48) -> list[list[int]]:
+        """Greedy answers (without ``eos``) to ``prompts`` (question ids ending in ``sep``).
+
+        Rows are left-padded, ``[pad][image][prompt]``, with positions counted from the image.
+        """
+        self.check_image(images)
+        b, n_img = len(prompts), self.n_image_tokens
+        width = max(len(p) for p in prompts)
+        img = self.encoder(images).to(self.lm.dtype)
+        embed = self.lm.get_input_embeddings()
+        embeds = img.new_zeros(b, width + n_img, img.shape[-1])
+        mask = torch.zeros(b, width + n_img, dtype=torch.long)
+        for i, p in enumerate(prompts):
+            pad = width - len(p)
+            embeds[i, pad:pad + n_img] = img[i]
+            embeds[i, pad + n_img:] = embed(torch.tensor(p, dtype=torch.long))
+            mask[i, pad:] = 1
+        pos = (mask.cumsum(1) - 1).clamp_min(0)
+        out = self.lm(inputs_embeds=embeds, attention_mask=mask, position_ids=pos, use_cache=True)
+        cache, nxt, last = out.past_key_values, out.logits[:, -1].argmax(-1), pos[:, -1]
+        answers: list[list[int]] = [[] for _ in range(b)]
+        done = torch.zeros(b, dtype=torch.bool)
+        for _ in range(max_new_tokens):
+            done |= nxt == self.cfg.eos_id
+            for i in torch.nonzero(~done).flatten().tolist():
+                answers[i].append(int(nxt[i]))
+            if bool(done.all()):
+                break
+            mask = torch.cat([mask, mask.new_ones(b, 1)], dim=1)
+            last = last + 1
+            out = self.lm(input_ids=nxt[:, None], attention_mask=mask, position_ids=last[:, None],
+                          past_key_values=cache, use_cache=True)
+            cache, nxt = out.past_key_values, out.logits[:, -1].argmax(-1)
+        return answers

@@ -1,0 +1,150 @@
+"""The shared training loop every trainable stage runs through.
+
+A stage is one module in ``components/`` that defines:
+
+- ``Params``: a pydantic model (extra="forbid") holding the stage's section of
+  ``params.yaml``; it must have ``steps`` and may use the common fields of
+  :class:`TrainParams`;
+- ``setup(ctx: StageContext) -> TrainState``: builds models, optimisers and
+  data from the parent checkpoint and the data directory;
+- ``train_step(state: TrainState, step: int) -> dict[str, float]``: one
+  optimisation step (its loss reads against the paper's equation);
+- ``export(state: TrainState) -> Export``: the weights and JSON config of the
+  stage's final model;
+- optionally ``evaluate(state: TrainState) -> dict[str, float]``: metrics on
+  the final model, computed by rank 0 only.
+
+:func:`run_training` owns everything else: the step loop, resuming from a
+training-state checkpoint, reporting checkpoints every N steps and metrics.
+It knows nothing of Ray; the caller passes a :class:`Reporter` that does the
+reporting (Ray Train in ``tasks/``, an in-process one in the unit tests).
+"""
+
+from __future__ import annotations
+
+import random
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Protocol
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from components import checkpoints
+
+
+class TrainParams(BaseModel):
+    """Fields every trainable stage shares; stages subclass it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    seed: int = Field(0, ge=0, description="seed of parameters, data order and noise")
+    steps: int = Field(100, ge=1, description="optimisation steps")
+    batch_size: int = Field(32, ge=1, le=4096)
+    lr: float = Field(1e-3, gt=0, le=1.0)
+    checkpoint_every: int = Field(50, ge=1, description="report a resumable checkpoint every N steps")
+    log_every: int = Field(10, ge=1)
+
+
+@dataclass
+class StageContext:
+    """What a stage's ``setup`` may read. Paths are already verified by the runner."""
+
+    params: Any
+    data_dir: Path | None
+    parent_dir: Path | None
+    rank: int = 0
+    world_size: int = 1
+    # Wraps a trainable module for data-parallel training (DDP under Ray Train).
+    wrap_module: Callable[[torch.nn.Module], torch.nn.Module] = lambda m: m
+    extra: dict[str, Path] = field(default_factory=dict)  # other input checkpoints by name
+
+
+@dataclass
+class TrainState:
+    modules: dict[str, torch.nn.Module]
+    optimizers: dict[str, torch.optim.Optimizer]
+    data: Any = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Export:
+    tensors: dict[str, torch.Tensor]
+    config: dict[str, Any]
+    samples: dict[str, np.ndarray] = field(default_factory=dict)  # name -> HxWx3 uint8 grid
+
+
+class Reporter(Protocol):
+    def resume_dir(self) -> Path | None: ...
+
+    def report(self, step: int, metrics: dict[str, float], state_dir: Path | None) -> None: ...
+
+
+class LocalReporter:
+    """In-process reporter: keeps the latest state directory on disk (tests, local mode)."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        self.history: list[tuple[int, dict[str, float]]] = []
+
+    def resume_dir(self) -> Path | None:
+        latest = self.root / "latest"
+        return latest if latest.exists() else None
+
+    def report(self, step: int, metrics: dict[str, float], state_dir: Path | None) -> None:
+        self.history.append((step, dict(metrics)))
+        if state_dir is not None:
+            checkpoints.replace_dir(state_dir, self.root / "latest", copy=True)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def run_training(stage: Any, ctx: StageContext, reporter: Reporter,
+                 progress: Callable[[int, int, dict[str, float]], None] | None = None,
+                 fault_hook: Callable[[int], None] | None = None) -> TrainState:
+    """Run ``stage`` from step 0, or from the reporter's latest state, to ``params.steps``.
+
+    ``state.extra`` gets ``history`` (metrics every ``log_every`` steps, kept across
+    resumes) and ``resumed_from`` (the step training continued from).
+    """
+    params = ctx.params
+    seed_everything(params.seed + 1009 * ctx.rank)
+    state = stage.setup(ctx)
+    start = 0
+    history: list[dict[str, float]] = []
+    resume = reporter.resume_dir()
+    if resume is not None:
+        start, extra = checkpoints.load_train_state(resume, state.modules, state.optimizers)
+        history = list(extra.get("history", []))
+    state.extra["resumed_from"] = start
+    metrics: dict[str, float] = {}
+    t_loop = time.perf_counter()
+    for step in range(start, params.steps):
+        if fault_hook is not None:
+            fault_hook(step)
+        metrics = {k: float(v) for k, v in stage.train_step(state, step).items()}
+        done = step + 1
+        last = done == params.steps
+        if done % params.log_every == 0 or last:
+            history.append({"step": done, **metrics})
+            if progress is not None:
+                progress(done, params.steps, metrics)
+        if done % params.checkpoint_every == 0 or last:
+            with tempfile.TemporaryDirectory(prefix="trainstate-") as tmp:
+                state_dir = None
+                if ctx.rank == 0:
+                    state_dir = Path(tmp) / "state"
+                    checkpoints.save_train_state(state_dir, state.modules, state.optimizers, done,
+                                                 {"history": history})
+                reporter.report(done, {"step": done, **metrics}, state_dir)
+    state.extra["history"] = history
+    state.extra["loop_s"] = time.perf_counter() - t_loop
+    return state

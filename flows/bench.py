@@ -1,0 +1,136 @@
+"""`hyperbagel bench`: run the profile (or reuse its finished outputs), measure, write the report.
+
+Writes ``reports/benchmark.json`` and ``reports/BENCHMARK.md`` with the machine, the
+profile, the command and the date. Each section is a function registered in
+``SECTIONS``; a section that cannot be measured records its error instead of numbers.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import platform
+import sys
+import threading
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Callable
+
+from components.checkpoints import read_json
+
+
+class PeakRss:
+    """Peak resident memory of this process and all its descendants (Ray workers, DVC, stages)."""
+
+    def __init__(self, interval: float = 0.5):
+        self.interval, self.peak, self._stop = interval, 0.0, threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        import psutil
+
+        me = psutil.Process()
+        while not self._stop.is_set():
+            total = 0
+            for p in [me, *me.children(recursive=True)]:
+                try:
+                    total += p.memory_info().rss
+                except psutil.Error:
+                    pass
+            self.peak = max(self.peak, total / 2**20)
+            self._stop.wait(self.interval)
+
+    def __enter__(self):
+        self._t.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._t.join()
+
+
+def machine() -> dict[str, Any]:
+    import psutil
+    import torch
+
+    return {"platform": platform.platform(), "python": platform.python_version(),
+            "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+            "memory_gb": round(psutil.virtual_memory().total / 2**30, 1), "torch": torch.__version__,
+            "gpu": torch.cuda.is_available()}
+
+
+def pipeline_section(profile: str) -> dict[str, Any]:
+    from flows.pipeline import pipeline
+    from tasks.project import find_project, workspace
+
+    with PeakRss() as rss:
+        t0 = time.time()
+        first = pipeline(profile=profile)
+        total = time.time() - t0
+    t1 = time.time()
+    second = pipeline(profile=profile)
+    noop = time.time() - t1
+    ws = workspace(find_project(), profile)
+    stage_s, loop_s, reused = {}, 0.0, []
+    for name in ws.order():
+        r = first["stages"][name]
+        timing = (read_json(ws.out_path(name) / "manifest.json").get("timing") or {})
+        if r["executed"]:
+            stage_s[name] = round(r["seconds"], 2)
+            loop_s += float(timing.get("loop_s", 0.0))
+        else:  # reused: report the timing recorded when it last ran
+            reused.append(name)
+            stage_s[name] = round(float(timing.get("stage_s", 0.0)), 2)
+    executed_total = sum(v for k, v in stage_s.items() if k not in reused)
+    return {
+        "total_s": round(total, 2), "stage_s": stage_s,
+        "overhead_fraction": round((total - loop_s) / total, 4) if executed_total else None,
+        "noop_rerun_s": round(noop, 2), "noop_rerun_executed": sum(r["executed"] for r in second["stages"].values()),
+        "peak_rss_mb": round(rss.peak, 1), "reused_stages": reused,
+    }
+
+
+def world_section(profile: str) -> dict[str, Any]:
+    from components.world.bench import world_benchmark
+
+    return world_benchmark()
+
+
+SECTIONS: dict[str, Callable[[str], dict[str, Any]]] = {
+    "pipeline": pipeline_section,
+    "world": world_section,
+}
+
+
+def run_bench(profile: str, sections: list[str] | None, out_dir: Path) -> dict[str, Any]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "benchmark.json"
+    report = json.loads(path.read_text()) if path.exists() else {}
+    report.update({"machine": machine(), "profile": profile,
+                   "command": " ".join(["hyperbagel", *sys.argv[1:]]) if sys.argv else "hyperbagel bench",
+                   "date": dt.datetime.now().isoformat(timespec="seconds")})
+    for name in sections or list(SECTIONS):
+        t0 = time.time()
+        try:
+            report[name] = SECTIONS[name](profile)
+        except Exception as e:  # record what failed; other sections still run
+            report[name] = {"error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()[-2000:]}
+        report.setdefault("section_s", {})[name] = round(time.time() - t0, 1)
+    path.write_text(json.dumps(report, indent=2, sort_keys=False, default=str) + "\n")
+    (out_dir / "BENCHMARK.md").write_text(to_markdown(report))
+    return report
+
+
+def to_markdown(report: dict[str, Any]) -> str:
+    m = report["machine"]
+    lines = ["# Benchmark report", "",
+             f"- command: `{report['command']}`", f"- profile: `{report['profile']}`", f"- date: {report['date']}",
+             f"- machine: {m['cores']} cores, {m['memory_gb']} GiB, {m['cpu']}, {m['platform']}, "
+             f"Python {m['python']}, torch {m['torch']}, GPU: {m['gpu']}", ""]
+    for name in SECTIONS:
+        if name not in report:
+            continue
+        lines += [f"## {name}", "", "```json", json.dumps(report[name], indent=2, default=str), "```", ""]
+    return "\n".join(lines)

@@ -1,0 +1,123 @@
+"""The base stage on a tiny world: trains, resumes to the same result, exports, loads, answers."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from components import base, checkpoints
+from components.inference import ImageSizeError, InputError, Teacher
+from components.training import LocalReporter, StageContext, run_training
+from components.world.datasets import WorldDataParams, build_world_data
+from components.world.render import random_scene, render
+
+TINY = dict(steps=6, ae_steps=2, checkpoint_every=3, log_every=1, batch_size=4, ae_batch_size=4,
+            ae_channels=(8, 16), gen_width=32, gen_depth=2, gen_heads=2, gen_text_layers=1, und_hidden=32,
+            und_layers=2, und_heads=2, und_kv_heads=1, und_intermediate=64, und_batch_size=4, sample_steps=2,
+            eval_rows=4, warmup=2)
+
+
+def _write(folder: Path, kind: str, rows: list[dict]) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{kind}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def tiny_world(root: Path, n: int = 12) -> Path:
+    """The world stage's T2I pairs, plus small edit / Q&A / caption sets in the base loader's format."""
+    build_world_data(root, WorldDataParams(n_t2i=n, seed=1))
+    rng = np.random.default_rng(0)
+    edit, qa, cap = [], [], []
+    for d in ("edit", "qa", "captions"):
+        (root / d / "images").mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        scene = random_scene(rng, 1)
+        o = scene.objects[0]
+        new = "blue" if o.colour != "blue" else "red"
+        img = render(scene)
+        out = render(type(scene)((type(o)(o.cls, new, o.cx, o.cy, o.size),), scene.size))
+        Image.fromarray(img).save(root / "edit" / "images" / f"{i}_in.png")
+        Image.fromarray(out).save(root / "edit" / "images" / f"{i}_out.png")
+        edit.append({"id": f"e{i}", "instruction": f"make the {o.cls} {new}", "input_image": f"images/{i}_in.png",
+                     "output_image": f"images/{i}_out.png"})
+        for d in ("qa", "captions"):
+            Image.fromarray(img).save(root / d / "images" / f"{i}.png")
+        qa.append({"id": f"q{i}", "image": f"images/{i}.png", "question": "what colour is the shape?",
+                   "answer": o.colour})
+        cap.append({"id": f"c{i}", "image": f"images/{i}.png", "caption": f"there is a {o.colour} {o.cls}."})
+    _write(root / "edit", "edit", edit)
+    _write(root / "qa", "qa", qa)
+    _write(root / "captions", "captions", cap)
+    return root
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> Path:
+    return tiny_world(tmp_path_factory.mktemp("world"))
+
+
+def ctx(world: Path, **kw) -> StageContext:
+    return StageContext(params=base.Params(**{**TINY, **kw}), data_dir=world, parent_dir=None)
+
+
+def test_params_defaults_validate_and_import_needs_a_path():
+    p = base.Params()
+    assert p.source == "train" and p.und_layers >= 16 and p.ae_steps < p.steps
+    with pytest.raises(ValueError, match="import_path"):
+        base.Params(source="import")
+    with pytest.raises(ValueError, match="extra"):
+        base.Params(bogus=1)
+
+
+def test_trains_resumes_exports_and_loads(world, tmp_path):
+    torch.set_num_threads(1)
+    full = run_training(base, ctx(world), LocalReporter(tmp_path / "a"))
+    hist = full.extra["history"]
+    assert [h["step"] for h in hist] == [1, 2, 3, 4, 5, 6]
+    assert "ae_l1" in hist[0] and "gen_loss" in hist[2] and "und_loss" in hist[0]
+    assert all(np.isfinite(v) for h in hist for v in h.values())
+
+    rep = LocalReporter(tmp_path / "b")
+    run_training(base, ctx(world, steps=3), rep)  # interrupted at step 3, after calibration
+    resumed = run_training(base, ctx(world), rep)
+    assert resumed.extra["resumed_from"] == 3
+    for name in ("autoencoder", "generator", "generator_ema", "understanding"):
+        for (k, a), b in zip(full.modules[name].state_dict().items(), resumed.modules[name].state_dict().values()):
+            assert torch.allclose(a.float(), b.float(), atol=1e-6), (name, k)
+
+    exp = base.export(full)
+    assert exp.samples["t2i"].shape == (64, 64 * 8, 3) and exp.samples["edit"].shape == (64 * 4, 64 * 3, 3)
+    metrics = base.evaluate(full)
+    assert metrics["nfe_t2i"] == 2 * TINY["sample_steps"] and 0 <= metrics["und_heldout_acc"] <= 1
+    assert metrics["train_s"] > 0
+    md5 = checkpoints.save_checkpoint(tmp_path / "ckpt", exp.tensors, exp.config, {"stage": "base"}, exp.samples)
+
+    teacher = Teacher.load(tmp_path / "ckpt", md5)
+    img = teacher.generate(["a photo of a red circle"], num_steps=50)
+    assert img.shape == (1, 64, 64, 3) and img.dtype == np.uint8 and teacher.last_nfe == 100
+    edited = teacher.edit(img, ["make the circle blue"], num_steps=50)
+    assert edited.shape == (1, 64, 64, 3) and teacher.last_nfe == 132
+    assert isinstance(teacher.ask(img, ["what colour is the shape?"], max_new_tokens=3)[0], str)
+    ref = base.final_teacher(full)
+    assert np.array_equal(ref.generate(["a photo of a red circle"], num_steps=50), img)
+
+    with pytest.raises(InputError, match="'hexagon'"):
+        teacher.generate(["a photo of a red hexagon"])
+    with pytest.raises(ImageSizeError, match="64x64"):
+        teacher.edit(np.zeros((1, 32, 32, 3), np.uint8), ["make the circle blue"])
+
+    # the import source: the same weights back, md5 checked first, lineage carried
+    imp = run_training(base, StageContext(base.Params(source="import", import_path=str(tmp_path / "ckpt"),
+                                                      import_md5=md5, steps=1), None, None),
+                       LocalReporter(tmp_path / "c"))
+    again = base.export(imp)
+    assert again.config["imported_from"]["md5"] == md5
+    assert all(torch.equal(again.tensors[k], v) for k, v in exp.tensors.items())
+    with pytest.raises(checkpoints.ChecksumMismatch):
+        run_training(base, StageContext(base.Params(source="import", import_path=str(tmp_path / "ckpt"),
+                                                    import_md5="0" * 32 + ".dir", steps=1), None, None),
+                     LocalReporter(tmp_path / "d"))

@@ -1,0 +1,142 @@
+"""The generation expert, the autoencoder and the understanding expert on tiny configs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from components import sampling as S
+from components.models.autoencoder import Autoencoder, AutoencoderConfig
+from components.models.generator import GenCondition, Generator, GeneratorConfig
+from components.models.understanding import IGNORE, Understanding, UnderstandingConfig
+
+TINY_GEN = dict(vocab_size=20, max_text_len=6, in_channels=4, sample_size=8, patch_size=2, width=32, depth=3,
+                heads=2, text_layers=1)
+
+
+def tiny_generator(**kw) -> Generator:
+    torch.manual_seed(0)
+    g = Generator(GeneratorConfig(**{**TINY_GEN, **kw}))
+    with torch.no_grad():  # leave adaLN-Zero's identity start so every input matters
+        for blk in g.blocks:
+            blk.ada.weight.normal_(0, 0.05)
+        g.proj_out.weight.normal_(0, 0.05)
+    return g
+
+
+def inputs(b=3):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(b, 4, 8, 8, generator=g)
+    cond = GenCondition(text=torch.randint(1, 20, (b, 6), generator=g), source=torch.randn(b, 4, 8, 8, generator=g))
+    return x, torch.rand(b, generator=g), cond
+
+
+def test_generator_shapes_features_and_conditions():
+    g = tiny_generator()
+    x, t, cond = inputs()
+    v, feats = g(x, t, cond, return_features=True)
+    assert v.shape == x.shape
+    assert len(feats) == 3 and feats[0].shape == (3, 16, 32)
+    assert not torch.allclose(g(x, t, cond.without_text()), v)
+    assert not torch.allclose(g(x, t, cond.without_image()), v)
+    assert (cond.without_text().text == 0).all() and cond.without_image().source is None
+    # a per-sample presence flag equals dropping the source for those rows
+    mixed = GenCondition(cond.text, cond.source, has_source=torch.tensor([1.0, 0.0, 1.0]))
+    assert torch.allclose(g(x, t, mixed)[1], g(x, t, cond.without_image())[1], atol=1e-5)
+    assert torch.allclose(g(x, t, mixed)[0], v[0], atol=1e-5)
+
+
+def test_fresh_generator_predicts_zero_velocity():
+    g = Generator(GeneratorConfig(**TINY_GEN))
+    x, t, cond = inputs()
+    assert torch.count_nonzero(g(x, t, cond)) == 0  # zero-initialised output layer
+
+
+def test_extra_embeddings_are_zero_initialised_and_trainable():
+    g = tiny_generator()
+    x, t, cond = inputs()
+    before = g(x, t, cond)
+    g.add_extra_embeddings(["text_scale", "image_scale"])
+    assert g.cfg.extra_embeddings == ["text_scale", "image_scale"]
+    extra = {"text_scale": torch.tensor([1.0, 3.0, 5.0]), "image_scale": torch.tensor(1.5)}
+    after = g(x, t, GenCondition(cond.text, cond.source, extra=extra))
+    assert torch.allclose(before, after)
+    with pytest.raises(ValueError, match="image_scale"):
+        g(x, t, GenCondition(cond.text, cond.source, extra={"text_scale": extra["text_scale"]}))
+    after.sum().backward()
+    assert g.extra_embed["text_scale"].linear_2.weight.grad.abs().sum() > 0
+    # a config with the embeddings rebuilds the same module layout, so weights load strictly
+    g2 = Generator(g.cfg)
+    g2.load_state_dict(g.state_dict())
+
+
+def test_generator_samples_with_bagel_cfg_through_the_generic_sampler():
+    g = tiny_generator().eval()
+    x, _, cond = inputs(2)
+    conds = S.Conditions(cond, cond.without_text(), cond.without_image())
+    counter = S.NFECounter(g)
+    with torch.no_grad():
+        out = S.sample(counter, x, conds, num_steps=4, cfg=S.EDIT_CFG, token_patch=g.cfg.patch_size)
+    assert out.shape == x.shape and torch.isfinite(out).all()
+    assert counter.nfe == 3 * sum(0.4 < t for t in S.timesteps(4)[:-1]) + sum(t <= 0.4 for t in S.timesteps(4)[:-1])
+
+
+def test_text_length_is_checked():
+    g = tiny_generator()
+    x, t, cond = inputs()
+    with pytest.raises(ValueError, match="at most 6"):
+        g(x, t, GenCondition(torch.ones(3, 7, dtype=torch.long)))
+
+
+def test_autoencoder_round_trip_shapes_and_calibration():
+    torch.manual_seed(0)
+    ae = Autoencoder(AutoencoderConfig(channels=(8, 16)))
+    imgs = torch.rand(4, 3, 64, 64) * 2 - 1
+    loss, logs = ae(imgs)
+    loss.backward()
+    assert set(logs) == {"ae_l1", "ae_mse"}
+    assert not ae.is_calibrated
+    ae.calibrate(imgs)
+    assert ae.is_calibrated
+    z = ae.encode(imgs)
+    assert z.shape == (4, 4, 16, 16)
+    assert z.mean(dim=(0, 2, 3)).abs().max() < 1e-4 and (z.std(dim=(0, 2, 3)) - 1).abs().max() < 1e-3
+    assert ae.decode(z).shape == imgs.shape
+    with pytest.raises(ValueError, match="64, 64"):
+        ae.encode(torch.zeros(1, 3, 32, 32))
+
+
+TINY_UND = dict(vocab_size=30, sep_id=1, eos_id=2, hidden=32, layers=2, heads=2, kv_heads=1, intermediate=64,
+                encoder_channels=(8, 16))
+
+
+def test_understanding_loss_ignores_prefix_and_question():
+    torch.manual_seed(0)
+    m = Understanding(UnderstandingConfig(**TINY_UND))
+    ids = torch.tensor([[5, 6, 1, 9, 2], [7, 1, 8, 2, 0]])
+    labels = torch.tensor([[IGNORE, IGNORE, IGNORE, 9, 2], [IGNORE, IGNORE, 8, 2, IGNORE]])
+    loss = m(torch.randn(2, 3, 64, 64), ids, labels)
+    assert loss.item() == pytest.approx(torch.log(torch.tensor(30.0)).item(), rel=0.2)
+    loss.backward()
+    assert m.encoder.net[0].weight.grad.abs().sum() > 0
+
+
+def test_understanding_kv_cache_generation_matches_recomputation():
+    torch.manual_seed(0)
+    m = Understanding(UnderstandingConfig(**TINY_UND)).eval()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.normal_(0, 0.5)
+    imgs = torch.randn(3, 3, 64, 64)
+    prompts = [[5, 6, 1], [7, 1], [5, 6, 7, 8, 1]]
+    answers = m.generate(imgs, prompts, max_new_tokens=6)
+    for i, p in enumerate(prompts):  # no cache, no padding, one row at a time
+        seq: list[int] = []
+        with torch.no_grad():
+            for _ in range(6):
+                logits = m.lm(inputs_embeds=m._embed(imgs[i:i + 1], torch.tensor([p + seq]))).logits
+                nxt = int(logits[0, -1].argmax())
+                if nxt == 2:
+                    break
+                seq.append(nxt)
+        assert answers[i] == seq

@@ -1,0 +1,23 @@
+import torch
+
+from components.training import LocalReporter, StageContext, run_training
+from tests.spine import tiny_train
+
+
+def _ctx(tmp_path, steps):
+    import numpy as np
+    x = np.random.default_rng(0).normal(size=(64, 5)).astype("float32")
+    np.savetxt(tmp_path / "xy.csv", x, delimiter=",")
+    p = tiny_train.Params(steps=steps, checkpoint_every=5, log_every=5, lr=0.01)
+    return StageContext(params=p, data_dir=tmp_path, parent_dir=None)
+
+
+def test_resume_continues_to_the_same_result(tmp_path):
+    full = run_training(tiny_train, _ctx(tmp_path, 20), LocalReporter(tmp_path / "a"))
+    rep = LocalReporter(tmp_path / "b")
+    run_training(tiny_train, _ctx(tmp_path, 10), rep)  # interrupted after 10 steps
+    resumed = run_training(tiny_train, _ctx(tmp_path, 20), rep)
+    assert resumed.extra["resumed_from"] == 10
+    for a, b in zip(full.modules["model"].parameters(), resumed.modules["model"].parameters()):
+        assert torch.allclose(a, b, atol=1e-6)
+    assert [h["step"] for h in resumed.extra["history"]] == [5, 10, 15, 20]

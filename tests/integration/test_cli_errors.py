@@ -1,0 +1,38 @@
+"""Bad input gets a clear one-line error, exit code 2, and nothing runs or changes."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+
+def _cli(proj, *args):
+    return subprocess.run([sys.executable, "-m", "flows.cli", *args], cwd=proj, capture_output=True, text=True,
+                          env={**os.environ, "HYPERBAGEL_PROJECT": str(proj)}, timeout=300)
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["run", "--profile", "fast"], "unknown profile 'fast'; choose one of: default, smoke"),
+    (["run", "--stage", "tiny_trian"], "unknown stage 'tiny_trian'"),
+    (["params", "--profile", "nope"], "unknown profile 'nope'"),
+])
+def test_unknown_names(tiny_project, args, expected):
+    r = _cli(tiny_project, *args)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert expected in " ".join(r.stderr.split())
+    assert "Traceback" not in r.stderr
+    assert not (tiny_project / "data").exists() and not (tiny_project / "dvc.lock").exists()
+
+
+def test_invalid_param_value_fails_before_anything_runs(tiny_project):
+    p = tiny_project / "params.yaml"
+    p.write_text(p.read_text().replace("lr: 0.01", "lr: -3"))
+    r = _cli(tiny_project, "run", "--profile", "smoke")
+    assert r.returncode == 2
+    msg = " ".join(r.stderr.split())
+    assert "tiny_train.lr" in msg and "greater than 0" in msg and "got -3" in msg
+    assert "Traceback" not in r.stderr
+    assert not (tiny_project / "data").exists() and not (tiny_project / ".state" / "workspaces").exists()
