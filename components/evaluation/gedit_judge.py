@@ -22,8 +22,10 @@ colours and positions can be checked under the new tone.
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 from scipy import ndimage
@@ -273,3 +275,235 @@ class ShapesJudge:
         artifacts = round(10 * (1 - float(np.clip(0.2 * spurious + soft + impure, 0, 1))))
         return naturalness, artifacts
 
+
+
+# ----------------------------------------------------------------------------- back ends
+class Judge:  # the interface (VIEScore's): evaluate([source, edited], instruction) -> [SC, PQ, O]
+    name: str
+
+    def evaluate(self, images: list[np.ndarray], instruction: str) -> list[float]: ...
+
+
+JUDGES = {"shapes_cv": ShapesJudge}  # GEdit's VLM judges (gpt-4.1, qwen2.5-vl) would register here
+
+
+def get_judge(judge: "str | Judge") -> "Judge":
+    if not isinstance(judge, str):
+        return judge
+    if judge not in JUDGES:
+        raise ValueError(f"unknown judge back end {judge!r}; available: {', '.join(JUDGES)}")
+    return JUDGES[judge]()
+
+
+# ----------------------------------------------------------------------------- GEdit's files and statistics
+# GEdit's test_gedit_score.py / calculate_statistics.py: CSV columns (the misspelling is GEdit's),
+# O = sqrt(SC * PQ) per sample, mean per category, unweighted mean over the categories.
+CSV_COLUMNS = ("source_image", "edited_image", "instruction", "sementics_score", "quality_score",
+               "intersection_exist", "instruction_language")
+
+
+class GEditInputError(ValueError):
+    """A GEdit output folder, benchmark file or CSV is malformed (the message names the file)."""
+
+
+def statistics(rows: list[dict], language: str, groups: list[str] | None = None,
+               intersection_only: bool = False) -> dict:
+    """``calculate_statistics.py`` on CSV-like rows (``sementics_score``, ``quality_score``,
+    ``instruction_language``, ``intersection_exist`` and a ``task_type`` per row): per category the
+    mean SC, PQ and O with O_i = sqrt(SC_i * PQ_i); ``average`` = unweighted mean over the
+    categories present. ``language`` "zh" is read as "cn" (GEdit's argparse choice vs. its data)."""
+    language = "cn" if language == "zh" else language
+    cats: dict[str, list[tuple[float, float, float]]] = {}
+    for r in rows:
+        if r["instruction_language"] != language:
+            continue
+        if intersection_only and not _truthy(r["intersection_exist"]):
+            continue
+        sc, pq = float(r["sementics_score"]), float(r["quality_score"])
+        cats.setdefault(r["task_type"], []).append((sc, pq, math.sqrt(sc * pq)))
+    order = [g for g in (groups or list(cats)) if g in cats]
+    per = {g: {"SC": float(np.mean([v[0] for v in cats[g]])), "PQ": float(np.mean([v[1] for v in cats[g]])),
+               "O": float(np.mean([v[2] for v in cats[g]])), "n": len(cats[g])} for g in order}
+    avg = {k: (float(np.mean([per[g][k] for g in order])) if order else 0.0) for k in ("SC", "PQ", "O")}
+    return {"categories": per, **avg}
+
+
+def _truthy(v) -> bool:
+    return v if isinstance(v, bool) else str(v).strip().lower() in ("true", "1", "yes")
+
+
+def format_statistics(stats: dict, title: str = "") -> str:
+    """The lines calculate_statistics.py prints: ``group: SC, PQ, O`` with 3 decimals."""
+    lines = [title] if title else []
+    lines += [f"{g}: {v['SC']:.3f}, {v['PQ']:.3f}, {v['O']:.3f}" for g, v in stats["categories"].items()]
+    lines.append(f"Average: {stats['SC']:.3f}, {stats['PQ']:.3f}, {stats['O']:.3f}")
+    return "\n".join(lines)
+
+
+def write_csvs(results: list[dict], out_dir: Path, model: str) -> list[Path]:
+    """GEdit's CSVs: ``<model>_<group>_gpt_score.csv`` per category and ``<model>_combined_gpt_score.csv``."""
+    import csv
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    groups: dict[str, list[dict]] = {}
+    for r in results:
+        groups.setdefault(r["task_type"], []).append(r)
+    paths = []
+    for name, rows in [*groups.items(), ("combined", results)]:
+        p = out_dir / f"{model}_{name}_gpt_score.csv"
+        with open(p, "w", newline="", encoding="utf-8") as f:
+            w = csv.DictWriter(f, fieldnames=CSV_COLUMNS, extrasaction="ignore")
+            w.writeheader()
+            w.writerows(rows)
+        paths.append(p)
+    return paths
+
+
+def read_csv(path: Path) -> list[dict]:
+    """A GEdit score CSV; the category of each row is taken from its edited image's folder
+    (``.../fullset/<task_type>/<language>/<key>.png``) when there is no ``task_type`` column."""
+    import csv
+
+    path = Path(path)
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            rows = list(csv.DictReader(f))
+    except (OSError, UnicodeDecodeError) as e:
+        raise GEditInputError(f"{path}: cannot read ({e})") from None
+    for i, r in enumerate(rows, 2):
+        missing = [c for c in ("sementics_score", "quality_score", "instruction_language") if not r.get(c)]
+        if missing:
+            raise GEditInputError(f"{path}:{i}: missing column(s) {', '.join(missing)}")
+        try:
+            float(r["sementics_score"]), float(r["quality_score"])
+        except ValueError:
+            raise GEditInputError(f"{path}:{i}: scores must be numbers") from None
+        if not r.get("task_type"):
+            parts = Path(r.get("edited_image", "")).parts
+            if len(parts) < 3:
+                raise GEditInputError(f"{path}:{i}: no task_type column and no category folder in edited_image")
+            r["task_type"] = parts[-3]
+    return rows
+
+
+def summarize(results: list[dict], judge: str) -> dict:
+    """Per language: SC, PQ, O (macro over categories), the categories, and the intersection subset."""
+    out: dict = {"judge": judge, "n": len(results)}
+    from components.world.gedit import CATEGORIES, LANGUAGES
+
+    for lang in LANGUAGES:
+        if any(r["instruction_language"] == lang for r in results):
+            s = statistics(results, lang, list(CATEGORIES))
+            s["intersection"] = {k: v for k, v in statistics(results, lang, list(CATEGORIES), True).items()
+                                 if k != "categories"}
+            out[lang] = s
+    return out
+
+
+def score_gedit(rows: list[dict], sources: list[np.ndarray], edited: list[np.ndarray],
+                judge: "str | Judge" = "shapes_cv", return_results: bool = False) -> dict:
+    """Score edits in memory: ``rows`` are GEdit rows (``task_type, key, instruction,
+    instruction_language, Intersection_exist``), ``sources[i]`` / ``edited[i]`` their images."""
+    if not len(rows) == len(sources) == len(edited):
+        raise ValueError(f"{len(rows)} rows, {len(sources)} sources, {len(edited)} edited images")
+    j = get_judge(judge)
+    results = []
+    for r, s, e in zip(rows, sources, edited):
+        sc, pq, _ = j.evaluate([np.asarray(s), np.asarray(e)], r["instruction"])
+        lang = r["instruction_language"]
+        results.append({"source_image": f"fullset/{r['task_type']}/{lang}/{r['key']}_SRCIMG.png",
+                        "edited_image": f"fullset/{r['task_type']}/{lang}/{r['key']}.png",
+                        "instruction": r["instruction"], "sementics_score": sc, "quality_score": pq,
+                        "intersection_exist": bool(r.get("Intersection_exist", True)),
+                        "instruction_language": lang, "task_type": r["task_type"], "key": r["key"]})
+    out = summarize(results, j.name)
+    if return_results:
+        out["results"] = results
+    return out
+
+
+# ----------------------------------------------------------------------------- folders
+def _load_png(path: Path) -> np.ndarray:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im.convert("RGB"))
+    except (UnidentifiedImageError, OSError) as e:
+        raise GEditInputError(f"{path}: not a readable image ({e})") from None
+
+
+def read_benchmark(path: Path) -> list[dict]:
+    """GEdit-shapes rows (``benchmarks/gedit/gedit.jsonl``), validated."""
+    from components.world.datasets import DatasetError, validate_dataset
+
+    path = Path(path)
+    folder = path.parent if path.suffix == ".jsonl" else path
+    try:
+        validate_dataset(folder, "gedit")
+    except DatasetError as e:
+        raise GEditInputError(str(e)) from None
+    return [json.loads(x) for x in (folder / "gedit.jsonl").read_text(encoding="utf-8").splitlines() if x.strip()]
+
+
+def benchmark_rows(seed: int = 0, scale: float = 1.0) -> list[dict]:
+    """The GEdit-shapes rows generated in memory (the same as the world_data stage writes)."""
+    from components.world.gedit import make_samples, rows_of
+
+    return [r for s in make_samples(seed, scale) for r in rows_of(s, f"images/{s['key']}.png")]
+
+
+def write_folder(rows: list[dict], sources: list[np.ndarray], edited: list[np.ndarray], model_dir: Path) -> Path:
+    """GEdit's output layout: ``<model_dir>/fullset/<task_type>/<lang>/<key>.png`` and ``<key>_SRCIMG.png``."""
+    from PIL import Image
+
+    model_dir = Path(model_dir)
+    for r, s, e in zip(rows, sources, edited):
+        d = model_dir / "fullset" / r["task_type"] / r["instruction_language"]
+        d.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.asarray(e, dtype=np.uint8)).save(d / f"{r['key']}.png")
+        Image.fromarray(np.asarray(s, dtype=np.uint8)).save(d / f"{r['key']}_SRCIMG.png")
+    return model_dir
+
+
+def evaluate_folder(model_dir: Path, rows: list[dict] | None = None, judge: "str | Judge" = "shapes_cv",
+                    out_dir: Path | None = None, languages: tuple[str, ...] = ("en", "cn")) -> dict:
+    """Score GEdit's output layout under ``model_dir`` (``fullset/<task>/<lang>/<key>.png`` with
+    ``<key>_SRCIMG.png``) against the benchmark ``rows`` (default: GEdit-shapes generated in memory).
+    Writes GEdit's CSVs into ``<model_dir>/<judge>/eval_results_new/`` (or ``out_dir``) and
+    ``summary.json``; rows without an edited image are skipped and counted as missing."""
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise GEditInputError(f"{model_dir}: no such directory")
+    full = model_dir / "fullset"
+    if not full.is_dir():
+        raise GEditInputError(f"{model_dir}: no fullset/ folder (expected fullset/<task_type>/<language>/<key>.png)")
+    rows = benchmark_rows() if rows is None else rows
+    j = get_judge(judge)
+    results, missing = [], 0
+    for r in rows:
+        lang = r["instruction_language"]
+        if lang not in languages:
+            continue
+        d = full / r["task_type"] / lang
+        e_path, s_path = d / f"{r['key']}.png", d / f"{r['key']}_SRCIMG.png"
+        if not e_path.exists():
+            missing += 1
+            continue
+        if not s_path.exists():
+            raise GEditInputError(f"{s_path}: missing (GEdit's layout keeps the source next to the edit)")
+        sc, pq, _ = j.evaluate([_load_png(s_path), _load_png(e_path)], r["instruction"])
+        results.append({"source_image": str(s_path), "edited_image": str(e_path), "instruction": r["instruction"],
+                        "sementics_score": sc, "quality_score": pq,
+                        "intersection_exist": bool(r.get("Intersection_exist", True)),
+                        "instruction_language": lang, "task_type": r["task_type"], "key": r["key"]})
+    if not results:
+        raise GEditInputError(f"{full}: none of the {missing} benchmark rows has an edited image "
+                              "(fullset/<task_type>/<language>/<key>.png)")
+    out = Path(out_dir) if out_dir is not None else model_dir / j.name / "eval_results_new"
+    write_csvs(results, out, model_dir.name)
+    summary = summarize(results, j.name)
+    summary["missing"] = missing
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
