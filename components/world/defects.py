@@ -5,7 +5,7 @@ against one that is wrong in a known way (rejected).
   metadata of :func:`components.world.geneval_prompts.corrupt_metadata` rendered by its oracle, or
   an extra object;
 - **quality** defects keep the scene and damage the pixels (:data:`QUALITY`): blur, noise, a
-  colour cast, pixelation, speckles, or a shape partly erased.
+  colour cast on the objects, pixelation, 2x2 speckles, or a shape partly erased.
 """
 
 from __future__ import annotations
@@ -55,16 +55,18 @@ def quality_defect(scene: Scene, kind: str, rng: np.random.Generator, jitter_see
         img = ndimage.gaussian_filter(img, (rng.uniform(0.9, 1.6),) * 2 + (0,))
     elif kind == "noise":
         img = img + rng.normal(0.0, rng.uniform(12, 28), img.shape)
-    elif kind == "colour_cast":
-        img = img + rng.choice([-1.0, 1.0], 3) * rng.uniform(30, 50, 3)
+    elif kind == "colour_cast":  # the objects' colours drift off their prototypes, the background stays
+        bg = np.array(BACKGROUNDS[scene.background], dtype=np.float32)
+        on = np.abs(img - bg).max(axis=-1, keepdims=True) > 0
+        img = img + on * (rng.choice([-1.0, 1.0], 3) * rng.uniform(30, 50, 3))
     elif kind == "pixelate":
         f = int(rng.choice([4, 8]))
         small = img.reshape(n // f, f, n // f, f, 3).mean(axis=(1, 3))
         img = np.repeat(np.repeat(small, f, axis=0), f, axis=1)
     elif kind == "speckles":
-        k = int(rng.integers(15, 40))
-        ys, xs = rng.integers(0, n, k), rng.integers(0, n, k)
-        img[ys, xs] = rng.integers(0, 256, (k, 3))
+        for _ in range(int(rng.integers(8, 20))):  # 2x2 spots of random colour
+            y, x = rng.integers(0, n - 1, 2)
+            img[y:y + 2, x:x + 2] = rng.integers(0, 256, 3)
     elif kind == "partial_shape":
         if not scene.objects:
             raise ValueError("partial_shape needs an object")
