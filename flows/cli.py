@@ -66,6 +66,7 @@ def setup_environment(project: Path | None = None) -> Path:
     os.environ.setdefault("RAY_agent_register_timeout_ms", "180000")  # tolerate busy machines at start-up
     os.environ.setdefault("RAY_raylet_start_wait_time_s", "180")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # no telemetry writes to its SQLite
     return project
 
 

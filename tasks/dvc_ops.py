@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -29,13 +30,33 @@ def dvc_bin() -> str:
     return str(exe) if exe.exists() else "dvc"
 
 
+def stage_timeout() -> float | None:
+    """``HYPERBAGEL_STAGE_TIMEOUT_S``: seconds a stage may run before it is stopped (unset: no limit)."""
+    value = os.environ.get("HYPERBAGEL_STAGE_TIMEOUT_S")
+    return float(value) if value else None
+
+
 def run_dvc(ws: Workspace, *args: str, env: dict[str, str] | None = None, capture: bool = True,
-            check: bool = True) -> subprocess.CompletedProcess:
+            check: bool = True, timeout: float | None = None) -> subprocess.CompletedProcess:
     full_env = {**os.environ, **(env or {})}
     # stage commands call `hyperbagel`: make this interpreter's scripts reachable without activation
     full_env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), full_env.get("PATH", "")])
-    proc = subprocess.run([dvc_bin(), *args], cwd=ws.root, env=full_env, text=True,
-                          capture_output=capture)
+    pipe = subprocess.PIPE if capture else None
+    # own process group: a stage that overruns its time limit is stopped with all its children
+    with subprocess.Popen([dvc_bin(), *args], cwd=ws.root, env=full_env, text=True, stdout=pipe, stderr=pipe,
+                          start_new_session=True) as child:
+        try:
+            out, err = child.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(child.pid, signal.SIGTERM)
+            try:
+                child.communicate(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(child.pid, signal.SIGKILL)
+                child.communicate()
+            raise DvcError(f"`dvc {' '.join(args)}` in {ws.root} was stopped after {timeout:.0f} s "
+                           "(HYPERBAGEL_STAGE_TIMEOUT_S)") from None
+    proc = subprocess.CompletedProcess(child.args, child.returncode, out, err)
     if check and proc.returncode != 0:
         tail = ((proc.stderr or "") + (proc.stdout or "")).strip()[-3000:] if capture else ""
         raise DvcError(f"`dvc {' '.join(args)}` failed in {ws.root} (exit {proc.returncode})\n{tail}")
@@ -68,13 +89,33 @@ def _default_local_config(ws: Workspace) -> dict:
     }
 
 
+DVCIGNORE = "# written by hyperbagel: bytecode is not a code change\n__pycache__/\n*.pyc\n"
+
+
 def generated_dvc_yaml(ws: Workspace) -> dict:
-    """The project's dvc.yaml with code paths made absolute, for a workspace outside the project."""
-    doc = yaml.safe_load((ws.project / "dvc.yaml").read_text())
+    """The project's dvc.yaml for a workspace outside the project (code deps resolve through
+    :func:`link_code`)."""
+    return yaml.safe_load((ws.project / "dvc.yaml").read_text())
+
+
+def link_code(ws: Workspace) -> None:
+    """Symlink the project's code paths that stages depend on into the workspace.
+
+    Through the links the deps stay inside the workspace repository, so its ``.dvcignore``
+    applies (``__pycache__`` written by any import is not a change); DVC ignores it for
+    absolute, external deps."""
     produced = {o for s in ws.stages.values() for o in s.outs}
-    for st in doc["stages"].values():
-        st["deps"] = [d if d in produced else str((ws.project / d).resolve()) for d in st.get("deps", [])]
-    return doc
+    tops = {Path(d).parts[0] for s in ws.stages.values() for d in s.deps
+            if d not in produced and not Path(d).is_absolute()}
+    for top in sorted(tops):
+        link, target = ws.root / top, (ws.project / top).resolve()
+        if link.is_symlink() and Path(os.readlink(link)) == target:
+            continue
+        if link.is_symlink() or link.is_file():
+            link.unlink()
+        elif link.exists():
+            raise DvcError(f"{link} is a directory, expected a link to {target}; remove it")
+        link.symlink_to(target, target_is_directory=target.is_dir())
 
 
 def prepare(ws: Workspace) -> None:
@@ -110,6 +151,8 @@ def prepare(ws: Workspace) -> None:
     conf.write()
     marker = {"project": str(ws.project), "profile": ws.profile}
     _write_if_changed(ws.root / ".hyperbagel-workspace.json", json.dumps(marker) + "\n")
+    _write_if_changed(ws.root / ".dvcignore", DVCIGNORE)
+    link_code(ws)
     _write_if_changed(ws.root / "dvc.yaml", yaml.safe_dump(generated_dvc_yaml(ws), sort_keys=False))
     _write_if_changed(ws.root / "params.yaml", yaml.safe_dump(ws.resolved_params(), sort_keys=True))
 
@@ -137,7 +180,7 @@ def changed_stages(ws: Workspace, stages: list[str]) -> set[str]:
 def repro(ws: Workspace, stage: str, env: dict[str, str], force: bool = False) -> None:
     """``dvc repro -s``: DVC deletes the old outs, runs the stage's command, records dvc.lock."""
     args = ["--wait-for-lock", "repro", "--single-item", *(["--force"] if force else []), stage]
-    proc = run_dvc(ws, *args, env=env, capture=False, check=False)
+    proc = run_dvc(ws, *args, env=env, capture=False, check=False, timeout=stage_timeout())
     if proc.returncode != 0:
         raise DvcError(f"stage {stage!r} failed (dvc repro exit {proc.returncode}); its output is above")
 

@@ -27,8 +27,11 @@ os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 os.environ["RAY_TRAIN_V2_ENABLED"] = "1"
 os.environ["RAY_ENABLE_UV_RUN_RUNTIME_ENV"] = "0"
 os.environ["RAY_DEDUP_LOGS"] = "0"
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # no telemetry writes to its SQLite
 os.environ.setdefault("RAY_agent_register_timeout_ms", "180000")  # slow, busy CI machines
 os.environ.setdefault("RAY_raylet_start_wait_time_s", "180")
+# a hung stage fails its test with the stage's output shown, long before pytest-timeout
+os.environ.setdefault("HYPERBAGEL_STAGE_TIMEOUT_S", "900")
 os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
 os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
 for _k in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS", "PREFECT_API_URL", "HYPERBAGEL_STATE", "HYPERBAGEL_PROJECT"):

@@ -12,7 +12,7 @@ from tests.conftest import REPO
 pytestmark = pytest.mark.integration
 
 
-def test_smoke_profile_runs_every_stage_then_nothing(tmp_path, monkeypatch, prefect_server):
+def test_smoke_profile_runs_every_stage_then_nothing(tmp_path, monkeypatch, prefect_server, ray_runtime):
     from flows.pipeline import pipeline
     from tasks.project import read_stages
 

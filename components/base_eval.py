@@ -1,0 +1,205 @@
+"""The ``base_eval`` stage: the teacher on GenEval-shapes, GEdit-shapes (EN and CN) and held-out Q&A.
+
+GenEval-shapes: every prompt of :func:`components.world.geneval_prompts.make_prompts`, ``samples``
+images each (GenEval's 4), sampled with BAGEL's T2I CFG; scored by
+:func:`components.evaluation.geneval.score_geneval` (overall = mean of the six tasks).
+GEdit-shapes: the benchmark's samples (``gedit_scale`` of GEdit's per-category counts), each
+edited in EN and CN with BAGEL's editing CFG; judged by
+:class:`components.evaluation.gedit_judge.ShapesJudge` (SC, PQ, O; macro average over categories).
+Understanding: exact-answer accuracy on the world data's held-out Q&A rows.
+
+NFE are counted (real forward passes of the generator) and sampling time per image is measured at
+batch 1 and at ``batch``. Results: ``geneval/`` (GenEval's folder layout and results.jsonl),
+``gedit.csv``, ``results.json``, and sample grids in ``samples/``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from components import sampling
+from components.base import answer_accuracy
+from components.base_data import load_world
+from components.checkpoints import load_checkpoint
+from components.evaluation import geneval
+from components.evaluation.gedit_judge import ShapesJudge
+from components.inference import InputError, Teacher
+from components.training import StageContext
+from components.world import gedit, geneval_prompts
+from components.world.render import render
+
+
+class Params(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    seed: int = Field(0, ge=0, description="seed of the sampling noise")
+    geneval_seed: int = Field(43, ge=0, description="seed of the GenEval-shapes prompt set")
+    geneval_per_tag: int = Field(100, ge=1, description="prompts drawn per tag before de-duplication")
+    samples: int = Field(4, ge=1, description="images per GenEval prompt (GenEval: 4)")
+    gedit_scale: float = Field(1.0, gt=0, le=1, description="share of GEdit's per-category counts")
+    und_rows: int = Field(512, ge=0, description="held-out Q&A rows scored")
+    num_steps: int = Field(50, ge=1, description="Euler steps (BAGEL: 50)")
+    batch: int = Field(16, ge=1, description="sampling batch; time per image is also taken at batch 1")
+    torch_threads: int = Field(2, ge=1)
+
+
+def _grid(rows: list[np.ndarray]) -> np.ndarray:
+    width = max(r.shape[1] for r in rows)
+    pad = [np.pad(r, ((0, 0), (0, width - r.shape[1]), (0, 0)), constant_values=255) for r in rows]
+    return np.concatenate(pad, axis=0)
+
+
+def _timed(fn, *args, **kwargs) -> tuple[np.ndarray, float]:
+    t0 = time.perf_counter()
+    out = fn(*args, **kwargs)
+    return out, time.perf_counter() - t0
+
+
+def _geneval(teacher: Teacher, p: Params, out_dir: Path, log) -> tuple[dict, dict[str, np.ndarray], int]:
+    rows = geneval_prompts.make_prompts(seed=p.geneval_seed, n=p.geneval_per_tag)
+    images: list[list[np.ndarray]] = [[] for _ in rows]
+    unknown = 0
+    for s in range(p.samples):
+        for b in range(0, len(rows), p.batch):
+            part = rows[b:b + p.batch]
+            try:
+                out = teacher.generate([r["prompt"] for r in part], seed=p.seed + 7919 * s + b, num_steps=p.num_steps)
+            except InputError:  # a word the model never saw: each prompt alone, unknown ones score 0
+                out = []
+                for r in part:
+                    try:
+                        out.append(teacher.generate([r["prompt"]], seed=p.seed + 7919 * s + b,
+                                                    num_steps=p.num_steps)[0])
+                    except InputError:
+                        unknown += 1
+                        out.append(np.full((64, 64, 3), 127, dtype=np.uint8))
+            for i, img in enumerate(out):
+                images[b + i].append(np.asarray(img))
+        log(f"geneval: sample {s + 1}/{p.samples} of {len(rows)} prompts")
+    geneval.write_folder(rows, images, out_dir / "geneval")
+    summary = geneval.score_geneval(rows, images, return_results=True)
+    with open(out_dir / "geneval" / "results.jsonl", "w") as f:
+        for r in summary.pop("results"):
+            f.write(json.dumps(r, default=str) + "\n")
+    by_tag: dict[str, list[np.ndarray]] = defaultdict(list)
+    for r, imgs in zip(rows, images):
+        if len(by_tag[r["tag"]]) < 8:
+            by_tag[r["tag"]].append(imgs[0])
+    grid = _grid([np.concatenate(v, axis=1) for v in by_tag.values()])
+    return summary, {"geneval_by_tag": grid}, unknown
+
+
+def _gedit(teacher: Teacher, p: Params, out_dir: Path, log) -> tuple[dict, dict[str, np.ndarray]]:
+    judge = ShapesJudge()
+    samples = gedit.make_samples(seed=p.seed, scale=p.gedit_scale)
+    scores: dict[str, dict[str, list[tuple[float, float, float]]]] = defaultdict(lambda: defaultdict(list))
+    csv = ["task_type,key,instruction_language,instruction,SC,PQ,O"]
+    shown: list[np.ndarray] = []
+    for lang in gedit.LANGUAGES:
+        for b in range(0, len(samples), p.batch):
+            part = samples[b:b + p.batch]
+            src = np.stack([render(s["source"]) for s in part])
+            texts = [gedit.instruction(s["edit"], lang, s["variant"]) for s in part]
+            try:
+                edited = teacher.edit(src, texts, seed=p.seed + b, num_steps=p.num_steps)
+            except InputError:
+                edited = []
+                for x, t in zip(src, texts):
+                    try:
+                        edited.append(teacher.edit(x[None], [t], seed=p.seed + b, num_steps=p.num_steps)[0])
+                    except InputError:
+                        edited.append(x)  # an instruction the model cannot read: nothing is edited
+            for s, x, y, t in zip(part, src, edited, texts):
+                sc, pq, o = judge.evaluate([x, np.asarray(y)], t)
+                scores[lang][s["task_type"]].append((sc, pq, o))
+                csv.append(",".join([s["task_type"], s["key"], lang, json.dumps(t, ensure_ascii=False),
+                                     f"{sc:g}", f"{pq:g}", f"{o:.4f}"]))
+                if lang == "en" and len(shown) < 8:
+                    shown.append(np.concatenate([x, np.asarray(y)], axis=1))
+        log(f"gedit: {lang} done ({len(samples)} edits)")
+    (out_dir / "gedit.csv").write_text("\n".join(csv) + "\n", encoding="utf-8")
+    summary = {}
+    for lang, cats in scores.items():  # category means, then the macro average over categories
+        means = {c: np.mean(np.array(v), axis=0) for c, v in cats.items()}
+        summary[lang] = {k: float(np.mean([m[i] for m in means.values()])) for i, k in enumerate(("SC", "PQ", "O"))}
+        summary[lang]["categories"] = {c: {"SC": float(m[0]), "PQ": float(m[1]), "O": float(m[2])}
+                                       for c, m in means.items()}
+    return summary, {"gedit_source_result": _grid(shown)} if shown else {}
+
+
+def _speed(teacher: Teacher, p: Params, prompt: str, src: np.ndarray, instr: str) -> dict[str, float]:
+    """Seconds per image at batch 1 and at ``batch``, and the NFE counted per image (batch 1)."""
+    out = {}
+    for b in (p.batch, 1):
+        _, dt = _timed(teacher.generate, [prompt] * b, seed=p.seed, num_steps=p.num_steps)
+        out[f"t2i_b{b}_s"] = dt / b
+    out["nfe_t2i"] = float(teacher.last_nfe)
+    for b in (p.batch, 1):
+        try:
+            _, dt = _timed(teacher.edit, np.repeat(src[None], b, axis=0), [instr] * b, seed=p.seed,
+                           num_steps=p.num_steps)
+        except InputError:
+            continue
+        out[f"edit_b{b}_s"] = dt / b
+        out["nfe_edit"] = float(teacher.last_nfe)
+    return out
+
+
+def run(ctx: StageContext, out_dir: Path) -> dict[str, float]:
+    p: Params = ctx.params
+    torch.set_num_threads(p.torch_threads)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "samples").mkdir(exist_ok=True)
+
+    def log(msg: str) -> None:
+        print(f"[base_eval] {msg}", flush=True)
+
+    ck = load_checkpoint(ctx.extra["evaluates"])
+    teacher = Teacher.from_parts(ck.config, ck.tensors)
+    metrics: dict[str, float] = {}
+    results: dict = {"teacher": {"stage": ck.manifest.get("stage"), "md5": ck.manifest.get("md5")}}
+
+    summary, grids, unknown = _geneval(teacher, p, out_dir, log)
+    results["geneval"] = summary
+    metrics["geneval_overall"] = float(summary["overall"])
+    for tag, acc in summary["tags"].items():
+        metrics[f"geneval_{tag}"] = float(acc)
+    metrics["geneval_unknown_prompts"] = float(unknown)
+
+    gsum, g2 = _gedit(teacher, p, out_dir, log)
+    grids.update(g2)
+    results["gedit"] = gsum
+    for lang, s in gsum.items():
+        for k in ("SC", "PQ", "O"):
+            metrics[f"gedit_{lang}_{k}"] = s[k]
+
+    world = load_world(ctx.data_dir)
+    held = world.und_heldout
+    if held is not None and p.und_rows:
+        metrics["understanding_accuracy"] = answer_accuracy(teacher, held, p.und_rows, batch=p.batch)
+    else:
+        metrics["understanding_accuracy"] = math.nan
+
+    first = gedit.make_samples(seed=p.seed, scale=0.01)[0]
+    speed = _speed(teacher, p, "a photo of a red circle", render(first["source"]),
+                   gedit.instruction(first["edit"], "en", first["variant"]))
+    metrics.update(speed)
+    results["metrics"] = metrics
+    from PIL import Image
+
+    for name, img in grids.items():
+        Image.fromarray(img).save(out_dir / "samples" / f"{name}.png")
+    (out_dir / "results.json").write_text(json.dumps(results, indent=1, sort_keys=True, default=str))
+    log(f"GenEval overall {metrics['geneval_overall']:.3f}, GEdit O en "
+        f"{metrics.get('gedit_en_O', math.nan):.2f} cn {metrics.get('gedit_cn_O', math.nan):.2f}, "
+        f"understanding {metrics['understanding_accuracy']:.3f}")
+    return {k: v for k, v in metrics.items() if not (isinstance(v, float) and math.isnan(v))}
