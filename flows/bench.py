@@ -98,9 +98,75 @@ def world_section(profile: str) -> dict[str, Any]:
     return world_benchmark()
 
 
+def _training_curve(history: list[dict], keys: tuple[str, ...], path: Path) -> None:
+    """A small PNG of the training curves (loss against step), drawn with PIL."""
+    from PIL import Image, ImageDraw
+
+    w, h, pad = 480, 240, 30
+    img = Image.new("RGB", (w, h), "white")
+    d = ImageDraw.Draw(img)
+    d.rectangle([pad, pad // 2, w - 10, h - pad], outline="black")
+    colours = ["#d62728", "#1f77b4", "#2ca02c", "#9467bd"]
+    steps = [r["step"] for r in history if "step" in r]
+    if not steps:
+        img.save(path)
+        return
+    s0, s1 = min(steps), max(steps) or 1
+    for i, key in enumerate(keys):
+        pts = [(r["step"], r[key]) for r in history if key in r and r[key] == r[key]]
+        if len(pts) < 2:
+            continue
+        lo, hi = min(v for _, v in pts), max(v for _, v in pts)
+        xy = [(pad + (st - s0) / max(1, s1 - s0) * (w - pad - 10),
+               h - pad - (v - lo) / max(1e-12, hi - lo) * (h - 1.5 * pad)) for st, v in pts]
+        d.line(xy, fill=colours[i % 4], width=2)
+        d.text((pad + 5 + 110 * i, h - pad + 8), f"{key} {lo:.3g}..{hi:.3g}", fill=colours[i % 4])
+    img.save(path)
+
+
+def base_section(profile: str) -> dict[str, Any]:
+    """The teacher (issue 7): read from the profile's `base` and `base_eval` outs (the pipeline
+    section runs them); sample grids and the training curve are copied next to the report."""
+    import shutil
+
+    from tasks.project import find_project, workspace
+
+    ws = workspace(find_project(), profile)
+    base = read_json(ws.out_path("base") / "manifest.json")
+    ev = read_json(ws.out_path("base_eval") / "results.json")
+    m = ev["metrics"]
+    reports = find_project() / "reports" / "base"
+    reports.mkdir(parents=True, exist_ok=True)
+    images = []
+    for folder in (ws.out_path("base") / "samples", ws.out_path("base_eval") / "samples"):
+        for png in sorted(folder.glob("*.png")) if folder.exists() else []:
+            shutil.copyfile(png, reports / png.name)
+            images.append(f"base/{png.name}")
+    history = base.get("history") or []
+    _training_curve(history, ("ae_l1", "gen_loss", "und_loss"), reports / "training_curve.png")
+    images.append("base/training_curve.png")
+    src = (base.get("params") or {}).get("source", "train")
+    return {
+        "source": src,
+        "geneval": {"overall": m.get("geneval_overall"), "tasks": ev["geneval"]["tags"]},
+        "gedit": {lang: {k: ev["gedit"][lang][k] for k in ("SC", "PQ", "O")} for lang in ev["gedit"]},
+        "understanding_accuracy": m.get("understanding_accuracy"),
+        "nfe": {"t2i": m.get("nfe_t2i"), "edit": m.get("nfe_edit")},
+        "train_s": (base.get("metrics") or {}).get("train_s"),
+        "stage_s": {"base": (base.get("timing") or {}).get("stage_s"),
+                    "base_eval": (read_json(ws.out_path("base_eval") / "manifest.json").get("timing") or {})
+                    .get("stage_s")},
+        "sample_s": {k: m.get(f"{k}_s") for k in ("t2i_b1", "t2i_b16", "edit_b1", "edit_b16")},
+        "geneval_unknown_prompts": m.get("geneval_unknown_prompts"),
+        "training_steps": (base.get("metrics") or {}).get("step"),
+        "images": images,
+    }
+
+
 SECTIONS: dict[str, Callable[[str], dict[str, Any]]] = {
     "pipeline": pipeline_section,
     "world": world_section,
+    "base": base_section,
 }
 
 
@@ -133,4 +199,6 @@ def to_markdown(report: dict[str, Any]) -> str:
         if name not in report:
             continue
         lines += [f"## {name}", "", "```json", json.dumps(report[name], indent=2, default=str), "```", ""]
+        for img in report[name].get("images", []) if isinstance(report[name], dict) else []:
+            lines += [f"![{img}]({img})", ""]
     return "\n".join(lines)
