@@ -174,7 +174,10 @@ def run_bench(profile: str, sections: list[str] | None, out_dir: Path) -> dict[s
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "benchmark.json"
     report = json.loads(path.read_text()) if path.exists() else {}
-    report.update({"machine": machine(), "profile": profile,
+    import subprocess
+
+    sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    report.update({"machine": machine(), "profile": profile, "git_sha": sha or None,
                    "command": " ".join(["hyperbagel", *sys.argv[1:]]) if sys.argv else "hyperbagel bench",
                    "date": dt.datetime.now().isoformat(timespec="seconds")})
     for name in sections or list(SECTIONS):
@@ -193,6 +196,7 @@ def to_markdown(report: dict[str, Any]) -> str:
     m = report["machine"]
     lines = ["# Benchmark report", "",
              f"- command: `{report['command']}`", f"- profile: `{report['profile']}`", f"- date: {report['date']}",
+             f"- git: `{report.get('git_sha')}`",
              f"- machine: {m['cores']} cores, {m['memory_gb']} GiB, {m['cpu']}, {m['platform']}, "
              f"Python {m['python']}, torch {m['torch']}, GPU: {m['gpu']}", ""]
     for name in SECTIONS:

@@ -21,7 +21,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
 stage_app = typer.Typer(no_args_is_help=True, help="Run or inspect single stages (dvc.yaml calls `stage exec`).")
 app.add_typer(stage_app, name="stage")
 console = Console()
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)  # error lines stay whole (greppable)
 
 
 def _known_errors() -> tuple[type[BaseException], ...]:
@@ -227,18 +227,16 @@ def ui(which: str = typer.Argument("mlflow", help="mlflow or prefect"),
     raise typer.Exit(subprocess.call(cmd))
 
 
-def _mount_optional() -> None:
-    try:
-        from flows import cli_world
-    except ImportError:
-        return
-    if hasattr(cli_world, "eval_app"):
-        app.add_typer(cli_world.eval_app, name="eval", help="Score generated images (GenEval-, GEdit-shapes).")
-    if hasattr(cli_world, "world_app"):
-        app.add_typer(cli_world.world_app, name="world", help="Look at the shapes world.")
+def _mount_groups() -> None:
+    """Command groups that live in their own modules (flows/cli_*.py)."""
+    from flows import cli_infer, cli_world
+
+    app.add_typer(cli_world.eval_app, name="eval", help="Score generated images (GenEval-, GEdit-shapes).")
+    app.add_typer(cli_world.world_app, name="world", help="Look at the shapes world.")
+    cli_infer.register(app)
 
 
-_mount_optional()
+_mount_groups()
 
 
 def main() -> None:

@@ -16,7 +16,7 @@ from rich.console import Console
 eval_app = typer.Typer(no_args_is_help=True, help="Score generated images with GenEval-/GEdit-shapes.")
 world_app = typer.Typer(no_args_is_help=True, help="Look at the shapes world.")
 console = Console()
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)  # error lines stay whole (greppable)
 
 
 @world_app.callback()

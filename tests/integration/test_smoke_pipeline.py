@@ -30,3 +30,34 @@ def test_smoke_profile_runs_every_stage_then_nothing(tmp_path, monkeypatch, pref
 
     again = pipeline(profile="smoke")
     assert not any(r["executed"] for r in again["stages"].values())
+
+    # inference on the registered teacher: generate -> edit -> ask, and clear errors
+    import os
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "flows.cli", *args], capture_output=True, text=True,
+                              env={**os.environ}, cwd=REPO)
+
+    model = "models:/hyperbagel-base@champion"
+    img, edited = tmp_path / "gen.png", tmp_path / "edit.png"
+    r = cli("generate", "-m", model, "--prompt", "a photo of a red circle", "-o", str(img), "--steps", "50")
+    assert r.returncode == 0, r.stderr
+    assert Image.open(img).size == (64, 64) and "100 NFE" in r.stderr
+    Image.open(img).resize((96, 96)).save(tmp_path / "big.png")
+    r = cli("edit", "-m", model, "-i", str(tmp_path / "big.png"), "--instruction", "Remove the red circle.",
+            "-o", str(edited), "--steps", "50")
+    assert r.returncode == 0, r.stderr
+    assert "resized to 64x64" in r.stderr and "132 NFE" in r.stderr and Image.open(edited).size == (64, 64)
+    r = cli("ask", "-m", model, "-i", str(img), "-q", "how many circles are there?")
+    assert r.returncode == 0 and r.stdout.strip(), r.stderr
+    for args, message in [(("generate", "-m", model, "--prompt", "a photo of a red hexagon", "-o", str(img)),
+                           "unknown word(s): 'hexagon'"),
+                          (("ask", "-m", "models:/hyperbagel-base@gold", "-i", str(img), "-q", "x"),
+                           "aliases: champion"),
+                          (("ask", "-m", model, "-i", str(tmp_path / "missing.png"), "-q", "x"), "no such file")]:
+        r = cli(*args)
+        assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)
