@@ -28,10 +28,11 @@ def select_stages(ws: Workspace, only: list[str] | None, downstream: bool) -> li
     return [s for s in order if s in chosen]
 
 
-@task(name="promote", task_run_name="promote-{model}", cache_policy=NO_CACHE)
-def promote_task(ws: Workspace, model: str, eval_stage: str) -> dict[str, Any]:
+@task(name="promote", task_run_name="promote-{gate}", cache_policy=NO_CACHE)
+def promote_task(ws: Workspace, gate: str, eval_stage: str) -> dict[str, Any]:
     log = get_run_logger()
     c = tracking.client(ws.state)
+    model = tracking.registered_name(gate, ws.profile)
     sd = ws.stage(eval_stage)
     md5 = ws.out_md5(sd.evaluates)
     versions = [mv for mv in c.search_model_versions(f"name='{model}'") if mv.tags.get("dvc.md5") == md5]
@@ -40,7 +41,10 @@ def promote_task(ws: Workspace, model: str, eval_stage: str) -> dict[str, Any]:
         return {"model": model, "promoted": False, "reason": "no version"}
     mv = max(versions, key=lambda v: int(v.version))
     pipeline = PipelineParams.model_validate(ws.resolved_params().get("pipeline") or {})
-    res = registry.promote(c, model, str(mv.version), registry.gate_for(pipeline, model),
+    rules = registry.gate_for(pipeline, gate)
+    if rules.teacher:  # the teacher's champion of the same profile is the reference
+        rules = rules.model_copy(update={"teacher": tracking.registered_name(rules.teacher, ws.profile)})
+    res = registry.promote(c, model, str(mv.version), rules,
                            local=ws.out_path(sd.evaluates))
     log.info("%s v%s: %s (%s); champion is v%s", model, mv.version,
              "PROMOTED" if res.decision.passed else "rejected", res.decision.reason, res.champion)

@@ -119,10 +119,12 @@ def execute(stage: str, cwd: Path | None = None) -> dict[str, Any]:
             run = c.get_run(run_id)
             vtags = {**{k: v for k, v in tags.items() if k != "dvc.out"}, "dvc.md5": md5, "dvc.path": sd.out,
                      "mlflow.run_id": run_id}
-            version = tracking.register(c, sd.model, run_id, f"{run.info.artifact_uri}/checkpoint", vtags)
-            c.set_tag(run_id, "model.version", f"{sd.model}/{version}")
+            name = tracking.registered_name(sd.model, ws.profile)
+            version = tracking.register(c, name, run_id, f"{run.info.artifact_uri}/checkpoint", vtags)
+            c.set_tag(run_id, "model.version", f"{name}/{version}")
         if sd.evaluates and sd.gate:
-            _tag_evaluated_version(c, lineage["evaluates"], sd.gate, metrics, run_id)
+            _tag_evaluated_version(c, lineage["evaluates"], tracking.registered_name(sd.gate, ws.profile),
+                                   metrics, run_id)
         ok = True
         return {"run_id": run_id, "metrics": metrics, "md5": md5}
     finally:

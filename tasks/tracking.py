@@ -98,6 +98,12 @@ def end_run(c, run_id: str, ok: bool = True) -> None:
     c.set_terminated(run_id, "FINISHED" if ok else "FAILED")
 
 
+def registered_name(model: str, profile: str) -> str:
+    """The registry name of a stage's model: the name itself for the default profile, and
+    ``NAME-PROFILE`` for the others, so a smoke run never becomes the production champion."""
+    return model if profile == "default" else f"{model}-{profile}"
+
+
 def register(c, name: str, run_id: str, source: str, tags: dict[str, str], description: str = "") -> str:
     """Create a model version (and the registered model if new); returns the version number."""
     from mlflow.exceptions import MlflowException

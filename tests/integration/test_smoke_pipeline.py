@@ -42,7 +42,7 @@ def test_smoke_profile_runs_every_stage_then_nothing(tmp_path, monkeypatch, pref
         return subprocess.run([sys.executable, "-m", "flows.cli", *args], capture_output=True, text=True,
                               env={**os.environ}, cwd=REPO)
 
-    model = "models:/hyperbagel-base@champion"
+    model = "models:/hyperbagel-base-smoke@champion"  # other profiles register NAME-PROFILE
     img, edited = tmp_path / "gen.png", tmp_path / "edit.png"
     r = cli("generate", "-m", model, "--prompt", "a photo of a red circle", "-o", str(img), "--steps", "50")
     assert r.returncode == 0, r.stderr
@@ -56,7 +56,7 @@ def test_smoke_profile_runs_every_stage_then_nothing(tmp_path, monkeypatch, pref
     assert r.returncode == 0 and r.stdout.strip(), r.stderr
     for args, message in [(("generate", "-m", model, "--prompt", "a photo of a red hexagon", "-o", str(img)),
                            "unknown word(s): 'hexagon'"),
-                          (("ask", "-m", "models:/hyperbagel-base@gold", "-i", str(img), "-q", "x"),
+                          (("ask", "-m", "models:/hyperbagel-base-smoke@gold", "-i", str(img), "-q", "x"),
                            "aliases: champion"),
                           (("ask", "-m", model, "-i", str(tmp_path / "missing.png"), "-q", "x"), "no such file")]:
         r = cli(*args)
