@@ -1,0 +1,219 @@
+"""Chain speculative decoding of the understanding expert with a trained draft (batch 1).
+
+One round, with the target's KV cache holding every accepted position and ``x`` the next
+token (already emitted, not yet in the cache):
+
+1. the draft reads the target states of the positions verified last round (its Dec and
+   draft layers keep their own KV caches over accepted positions) and proposes a chain
+   ``d_1 .. d_K`` one token at a time on its cache;
+2. the target runs ``[x, d_1 .. d_K]`` in one forward on its cache, giving its
+   distribution ``p_0 .. p_K`` at those positions and the hidden states of all its layers;
+3. **greedy**: ``d_i`` is accepted while ``d_i == argmax p_{i-1}``; then ``argmax p_m``
+   is emitted, so the output is the target's own greedy decoding token for token.
+   **sampling**: ``d_i ~ q_i`` is accepted with probability ``min(1, p_{i-1}(d_i) / q_i(d_i))``;
+   the first rejection emits a sample of ``norm(max(p - q, 0))``, a full acceptance a sample
+   of ``p_K``: the emitted tokens follow the target's distribution exactly;
+4. both caches are cropped back to the accepted positions.
+
+Metrics: τ = accepted drafts per round + 1 (EAGLE's convention), n-α = P(d_n accepted |
+d_1 .. d_{n-1} accepted) over rounds that proposed ``d_n``; an accepted ``eos`` ends the
+answer and the round. Everything runs in float32 so greedy verification and the target's
+own greedy decoding compute the same argmax.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+from transformers import DynamicCache
+
+from components.models.draft import Draft, target_states
+from components.models.understanding import Understanding
+
+
+@dataclass
+class SpecResult:
+    tokens: list[int]                                       # the answer, without eos
+    rounds: list[list[bool]] = field(default_factory=list)  # per round: outcome of d_1, d_2, ... until rejection
+
+    @property
+    def accepted(self) -> list[int]:
+        return [sum(r) for r in self.rounds]
+
+
+class _Sampler:
+    def __init__(self, mode: str, temperature: float, generator: torch.Generator | None):
+        if mode not in ("greedy", "sample"):
+            raise ValueError(f"mode must be 'greedy' or 'sample', not {mode!r}")
+        if mode == "sample" and temperature <= 0:
+            raise ValueError("sampling needs a temperature > 0")
+        self.greedy, self.t, self.g = mode == "greedy", temperature, generator
+
+    def probs(self, logits: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(logits.float() / self.t, dim=-1)
+
+    def draw(self, logits: torch.Tensor) -> int:
+        if self.greedy:
+            return int(logits.argmax(-1))
+        return self.multinomial(self.probs(logits))
+
+    def multinomial(self, p: torch.Tensor) -> int:
+        return int(torch.multinomial(p, 1, generator=self.g))
+
+    def uniform(self) -> float:
+        return float(torch.rand((), generator=self.g))
+
+
+def _crop(cache: DynamicCache, length: int) -> None:
+    extra = cache.get_seq_length() - length
+    if extra > 0:
+        cache.crop(-extra)
+
+
+def _prefill(target: Understanding, image: torch.Tensor, prompt: list[int]):
+    img = target.encoder(image).to(target.lm.dtype)
+    embeds = torch.cat([img, target.lm.get_input_embeddings()(torch.tensor([prompt]))], dim=1)
+    n = embeds.shape[1]
+    out = target.lm(inputs_embeds=embeds, position_ids=torch.arange(n)[None], use_cache=True,
+                    output_hidden_states=True)
+    return embeds, out
+
+
+@torch.no_grad()
+def generate(target: Understanding, draft: Draft, image: torch.Tensor, prompt: list[int], max_new_tokens: int = 48,
+             chain: int = 10, mode: str = "greedy", temperature: float = 1.0,
+             generator: torch.Generator | None = None) -> SpecResult:
+    """Speculative decoding of one answer to ``prompt`` (question ids ending in ``sep``) about
+    ``image`` ``(1, 3, H, W)``; ``chain`` draft tokens per round."""
+    target.check_image(image)
+    if image.shape[0] != 1:
+        raise ValueError("speculative decoding runs at batch 1")
+    s = _Sampler(mode, temperature, generator)
+    eos = target.cfg.eos_id
+    embeds, out = _prefill(target, image, prompt)
+    n = embeds.shape[1]                       # positions in the target's cache
+    t_cache: DynamicCache = out.past_key_values
+    x = s.draw(out.logits[0, -1])
+    emitted = [x]
+    # pending draft inputs: target states at positions [p0, n) and the next input embeddings
+    states = target_states(out)
+    nxt = torch.cat([embeds[:, 1:], draft.embed(torch.tensor([[x]]))], dim=1)
+    p0 = 0
+    dec_cache, d_cache = DynamicCache(), DynamicCache()
+    result = SpecResult([])
+    while x != eos and len(emitted) < max_new_tokens:
+        k = min(chain, max_new_tokens - len(emitted))
+        # 1. draft: catch up on the verified positions, then a chain of k tokens
+        pos = torch.arange(p0, n)
+        feat = draft.fuse(states, pos, dec_cache) if draft.cfg.fusion == "meta" else draft.fuse(states, pos)
+        _crop(d_cache, p0)
+        h = draft.step(feat, nxt, pos, d_cache)[:, -1:]
+        drafts: list[int] = []
+        q: list[torch.Tensor] = []
+        for i in range(k):
+            logits = draft.logits(h)[0, -1]
+            d = s.draw(logits)
+            drafts.append(d)
+            if not s.greedy:
+                q.append(s.probs(logits))
+            if i + 1 < k:
+                h = draft.step(h, draft.embed(torch.tensor([[d]])), torch.tensor([n + i]), d_cache)
+        # 2. verify [x, d_1 .. d_k] at positions n .. n+k
+        ids = torch.tensor([[x] + drafts])
+        vout = target.lm(input_ids=ids, position_ids=torch.arange(n, n + k + 1)[None], past_key_values=t_cache,
+                         use_cache=True, output_hidden_states=True)
+        tl = vout.logits[0]
+        # 3. accept / reject
+        outcomes: list[bool] = []
+        new: int | None = None
+        for i, d in enumerate(drafts):
+            if s.greedy:
+                ok = d == int(tl[i].argmax())
+            else:
+                p = s.probs(tl[i])
+                ok = s.uniform() * float(q[i][d]) < float(p[d])
+                if not ok:
+                    resid = (p - q[i]).clamp_min(0)
+                    new = s.multinomial(resid / resid.sum()) if float(resid.sum()) > 0 else s.multinomial(p)
+            outcomes.append(ok)
+            if not ok or d == eos:
+                break
+        m = sum(outcomes)
+        accepted = drafts[:m]
+        ended = bool(accepted) and accepted[-1] == eos
+        if not ended and new is None:
+            new = s.draw(tl[m])
+        result.rounds.append(outcomes)
+        emitted += accepted + ([new] if new is not None and not ended else [])
+        # 4. keep positions n .. n+m (x and the accepted drafts) in both caches
+        _crop(t_cache, n + m + 1)
+        states = target_states(vout)[:, :m + 1]
+        nxt = draft.embed(torch.tensor([accepted + [new if new is not None else eos]]))
+        p0, n = n, n + m + 1
+        x = emitted[-1]
+    answer = emitted[:emitted.index(eos)] if eos in emitted else emitted
+    result.tokens = answer[:max_new_tokens]
+    return result
+
+
+# ---------------------------------------------------------------- metrics
+
+def tau(results: list[SpecResult]) -> float:
+    rounds = [sum(r) + 1 for res in results for r in res.rounds]
+    return sum(rounds) / len(rounds) if rounds else float("nan")
+
+
+def alphas(results: list[SpecResult], n_max: int = 10) -> list[float]:
+    """n-α for n = 1..n_max: acceptance of the n-th draft given the first n-1 were accepted."""
+    out = []
+    for n in range(1, n_max + 1):
+        tried = [r[n - 1] for res in results for r in res.rounds if len(r) >= n]
+        out.append(sum(tried) / len(tried) if tried else float("nan"))
+    return out
+
+
+@dataclass
+class Benchmark:
+    n_prompts: int
+    identical_fraction: float
+    tau: float
+    alpha: list[float]
+    tokens_per_s: dict[str, float]
+    speedup: float
+    tokens: int
+
+    def metrics(self) -> dict[str, float]:
+        out = {"n_prompts": float(self.n_prompts), "identical_fraction": self.identical_fraction, "tau": self.tau,
+               "tokens_per_s_target": self.tokens_per_s["target"],
+               "tokens_per_s_speculative": self.tokens_per_s["speculative"], "speedup": self.speedup}
+        out.update({f"alpha_{i + 1}": a for i, a in enumerate(self.alpha)})
+        return out
+
+
+@torch.no_grad()
+def benchmark(target: Understanding, draft: Draft, images: torch.Tensor, prompts: list[list[int]],
+              max_new_tokens: int = 48, chain: int = 10) -> Benchmark:
+    """Greedy decoding of every prompt by the target alone and with speculation, at batch 1:
+    identical outputs, τ, n-α (n = 1..chain) and tokens/s of both (the same answer tokens)."""
+    target.eval()
+    draft.eval()
+    t_target = t_spec = 0.0
+    same, tokens, results = 0, 0, []
+    for i, prompt in enumerate(prompts):
+        img = images[i:i + 1]
+        t0 = time.perf_counter()
+        ref = target.generate(img, [prompt], max_new_tokens)[0]
+        t1 = time.perf_counter()
+        res = generate(target, draft, img, prompt, max_new_tokens, chain)
+        t2 = time.perf_counter()
+        t_target += t1 - t0
+        t_spec += t2 - t1
+        same += res.tokens == ref
+        tokens += len(ref)
+        results.append(res)
+    n = len(prompts)
+    tps = {"target": tokens / max(t_target, 1e-9), "speculative": tokens / max(t_spec, 1e-9)}
+    return Benchmark(n, same / max(n, 1), tau(results), alphas(results, chain), tps,
+                     tps["speculative"] / max(tps["target"], 1e-9), tokens)
