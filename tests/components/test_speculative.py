@@ -1,0 +1,147 @@
+"""Chain speculative decoding: lossless greedy verification whatever the draft, a perfect draft
+accepted in full, the sampling mode keeps the target's distribution, τ and n-α conventions."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from components import speculative
+from components.models.draft import Draft, DraftConfig
+from components.models.understanding import Understanding, UnderstandingConfig
+from components.speculative import SpecResult
+
+
+def _target(vocab: int = 12, layers: int = 3, seed: int = 0) -> Understanding:
+    torch.manual_seed(seed)
+    return Understanding(UnderstandingConfig(vocab_size=vocab, sep_id=1, eos_id=2, hidden=32, layers=layers,
+                                             heads=2, kv_heads=1, intermediate=64, grid=4)).eval()
+
+
+def _prompts(n: int, vocab: int, seed: int = 1) -> tuple[torch.Tensor, list[list[int]]]:
+    g = torch.Generator().manual_seed(seed)
+    images = torch.rand(n, 3, 64, 64, generator=g) * 2 - 1
+    prompts = [torch.randint(3, vocab, (int(torch.randint(1, 6, (1,), generator=g)),), generator=g).tolist() + [1]
+               for _ in range(n)]
+    return images, prompts
+
+
+@pytest.mark.parametrize("kw", [dict(fusion="meta", zero_init=False), dict(fusion="meta", zero_init=True),
+                                dict(fusion="fc", draft_layers=1, init_from_target=False, zero_init=False)])
+def test_greedy_is_lossless_with_an_untrained_draft(kw):
+    torch.set_num_threads(1)
+    target = _target()
+    draft = Draft.from_target(target, DraftConfig.for_target(target, **kw)).eval()
+    images, prompts = _prompts(24, 12)
+    for chain in (1, 10):
+        bench = speculative.benchmark(target, draft, images, prompts, max_new_tokens=20, chain=chain)
+        assert bench.n_prompts == 24 and bench.identical_fraction == 1.0
+        assert bench.tau >= 1.0 and bench.tokens > 0 and len(bench.alpha) == chain
+
+
+def _bigram_pair() -> tuple[Understanding, Draft]:
+    """A target whose layers add nothing (next token = f(current token)) and a draft that reads the
+    token embedding only: the draft predicts the target exactly."""
+    target = _target(vocab=16, layers=4, seed=3)
+    for layer in target.lm.model.layers:
+        torch.nn.init.zeros_(layer.self_attn.o_proj.weight)
+        torch.nn.init.zeros_(layer.mlp.down_proj.weight)
+    draft = Draft.from_target(target, DraftConfig.for_target(target, fusion="fc", draft_layers=1,
+                                                             init_from_target=True, zero_init=True))
+    with torch.no_grad():
+        d = target.cfg.hidden
+        draft.fc2.weight.zero_()
+        draft.fc2.weight[:, d:] = torch.eye(d)
+    # eos never wins, so every answer runs to max_new_tokens
+    with torch.no_grad():
+        target.lm.lm_head.weight[target.cfg.eos_id] -= 100.0
+        draft.lm_head.weight.copy_(target.lm.lm_head.weight)
+    return target, draft.eval()
+
+
+def test_a_perfect_draft_is_accepted_in_full():
+    torch.set_num_threads(1)
+    target, draft = _bigram_pair()
+    images, prompts = _prompts(6, 16)
+    bench = speculative.benchmark(target, draft, images, prompts, max_new_tokens=25, chain=10)
+    assert bench.identical_fraction == 1.0
+    assert bench.alpha == [1.0] * 10
+    # 25 tokens: the prefill's token, two rounds of 10 drafts + 1, a last one of 2 drafts + 1
+    assert bench.tau == pytest.approx((11 + 11 + 3) / 3)
+
+
+def test_tau_and_alpha_conventions():
+    res = [SpecResult([], rounds=[[True, True, False], [False], [True, True, True]])]
+    assert speculative.tau(res) == pytest.approx((3 + 1 + 4) / 3)
+    a = speculative.alphas(res, 4)
+    assert a[:3] == [pytest.approx(2 / 3), 1.0, pytest.approx(1 / 2)]
+    assert a[3] != a[3]  # nan: no round proposed a 4th draft token
+
+
+def _exact_distribution(target: Understanding, image: torch.Tensor, prompt: list[int], n: int) -> dict:
+    """P(first n tokens) of the target's own sampling (a sequence ends at eos)."""
+    eos, vocab = target.cfg.eos_id, target.cfg.vocab_size
+    img = target.encoder(image)
+    emb = target.lm.get_input_embeddings()
+    out: dict[tuple[int, ...], float] = {}
+    with torch.no_grad():
+        def walk(prefix: list[int], prob: float) -> None:
+            if len(prefix) == n or (prefix and prefix[-1] == eos):
+                out[tuple(prefix)] = out.get(tuple(prefix), 0.0) + prob
+                return
+            x = torch.cat([img, emb(torch.tensor([prompt + prefix]))], dim=1)
+            p = torch.softmax(target.lm(inputs_embeds=x).logits[0, -1].double(), -1)
+            for t in range(vocab):
+                walk(prefix + [t], prob * float(p[t]))
+        walk([], 1.0)
+    return out
+
+
+def test_sampling_keeps_the_target_distribution():
+    torch.set_num_threads(1)
+    target = _target(vocab=5, layers=2, seed=5)
+    with torch.no_grad():
+        target.lm.lm_head.weight.mul_(6.0)  # a peaked target
+    draft = Draft.from_target(target, DraftConfig.for_target(target, fusion="meta", zero_init=False)).eval()
+    image, prompt = torch.zeros(1, 3, 64, 64), [3, 4, 1]
+    exact = _exact_distribution(target, image, prompt, 3)
+    g = torch.Generator().manual_seed(0)
+    n = 1200
+    counts: dict[tuple[int, ...], int] = {}
+    rejected = 0
+    for _ in range(n):
+        res = speculative.generate(target, draft, image, prompt, max_new_tokens=3, chain=2, mode="sample",
+                                   generator=g)
+        seq = tuple(res.tokens[:3]) if len(res.tokens) == 3 else tuple(res.tokens) + (2,)
+        counts[seq] = counts.get(seq, 0) + 1
+        rejected += sum(not ok for r in res.rounds for ok in r)
+    assert rejected > n // 10  # the draft is wrong often: the rejection path is exercised
+    # chi-square over cells with an expected count >= 5, the rest pooled
+    big = [k for k, p in exact.items() if p * n >= 5]
+    rest = 1.0 - sum(exact[k] for k in big)
+    obs = [counts.get(k, 0) for k in big] + [n - sum(counts.get(k, 0) for k in big)]
+    exp = [exact[k] * n for k in big] + [rest * n]
+    chi2 = sum((o - e) ** 2 / e for o, e in zip(obs, exp) if e > 0)
+    dof = len(big)
+    assert chi2 < dof + 5 * (2 * dof) ** 0.5, (chi2, dof)  # ~ p > 1e-4
+
+
+def test_bad_mode_and_batch_are_refused():
+    target = _target()
+    draft = Draft.from_target(target, DraftConfig.for_target(target))
+    with pytest.raises(ValueError, match="greedy"):
+        speculative.generate(target, draft, torch.zeros(1, 3, 64, 64), [3, 1], mode="beam")
+    with pytest.raises(ValueError, match="batch 1"):
+        speculative.generate(target, draft, torch.zeros(2, 3, 64, 64), [3, 1])
+
+
+def test_the_bigram_pair_is_what_it_claims():
+    target, draft = _bigram_pair()
+    ids = list(itertools.islice(itertools.cycle(range(3, 16)), 8))
+    with torch.no_grad():
+        t = target.lm(input_ids=torch.tensor([ids])).logits[0].argmax(-1)
+        d = draft.logits(draft.step(torch.zeros(1, 8, 32), draft.embed(torch.tensor([ids])), torch.arange(8),
+                                    None)).argmax(-1)[0]
+    assert torch.equal(t, d)
