@@ -110,10 +110,13 @@ def setup(ctx: StageContext) -> TrainState:
     t0 = time.perf_counter()
     answers = regenerate(target, rows.images[:n], prompts, p.regen_batch, p.max_new_tokens)
     regen_s = time.perf_counter() - t0
+    keep = [i for i, a in enumerate(answers) if len(a) >= 2]  # an empty answer leaves nothing to draft
+    if not keep:
+        raise ValueError("the target answered every training prompt with eos alone: nothing to draft")
     draft = Draft.from_target(target, p.draft_config(target))
     model = ctx.wrap_module(draft)
     opt = torch.optim.AdamW(draft.trainable(), lr=p.lr, betas=p.betas, weight_decay=p.weight_decay)
-    data = {"images": rows.images[:n], "seqs": [(q, a) for q, a in zip(prompts, answers)],
+    data = {"images": rows.images[keep], "seqs": [(prompts[i], answers[i]) for i in keep],
             "heldout": world.und_heldout, "regen_s": regen_s}
     return TrainState({"draft": model}, {"draft": opt}, data,
                       extra={"params": p, "rank": ctx.rank, "teacher": teacher, "target": target})
