@@ -217,3 +217,28 @@ def benchmark(target: Understanding, draft: Draft, images: torch.Tensor, prompts
     tps = {"target": tokens / max(t_target, 1e-9), "speculative": tokens / max(t_spec, 1e-9)}
     return Benchmark(n, same / max(n, 1), tau(results), alphas(results, chain), tps,
                      tps["speculative"] / max(tps["target"], 1e-9), tokens)
+
+
+def ask(teacher, draft: Draft, image, question: str, max_new_tokens: int = 64, chain: int = 10,
+        compare: bool = False) -> tuple[str, dict[str, float]]:
+    """``Teacher``-level speculative answer to ``question`` about one (64, 64, 3) uint8 image, with
+    τ and tokens/s (``compare``: also the target alone, and whether both answers are identical)."""
+    from components.inference import InputError, to_tensor
+
+    target = teacher.understanding.float().eval()
+    x = to_tensor(image, target.cfg.image_size)
+    if x.shape[0] != 1:
+        raise InputError("speculative decoding answers one image at a time")
+    prompt = teacher.prompt_ids(question)
+    t0 = time.perf_counter()
+    res = generate(target, draft.eval(), x, prompt, max_new_tokens, chain)
+    dt = time.perf_counter() - t0
+    stats = {"tau": tau([res]), "rounds": float(len(res.rounds)), "tokens": float(len(res.tokens)),
+             "tokens_per_s": len(res.tokens) / max(dt, 1e-9)}
+    if compare:
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            ref = target.generate(x, [prompt], max_new_tokens)[0]
+        stats["tokens_per_s_target"] = len(ref) / max(time.perf_counter() - t0, 1e-9)
+        stats["identical"] = float(ref == res.tokens)
+    return teacher.tokenizer.decode(res.tokens), stats

@@ -21,10 +21,9 @@ def _fail(message: str) -> None:
     raise typer.Exit(2)
 
 
-def _load(model: str):
-    """The teacher of a registered version, from a local md5-verified copy."""
+def _checkpoint(model: str):
+    """A registered version's checkpoint directory (a local cached copy) and its md5."""
     from components import checkpoints
-    from components.inference import Teacher
     from flows.cli import setup_environment
     from tasks import registry, tracking
     from tasks.project import state_dir
@@ -41,7 +40,14 @@ def _load(model: str):
         cache.mkdir(parents=True, exist_ok=True)
         ckpt = registry.download_checkpoint(c, mv, cache)
     err.print(f"{mv.name} v{mv.version} ({md5[:12]})")
-    return Teacher.load(ckpt, md5)
+    return ckpt, md5
+
+
+def _load(model: str):
+    """The teacher of a registered version, from a local md5-verified copy."""
+    from components.inference import Teacher
+
+    return Teacher.load(*_checkpoint(model))
 
 
 def _read_image(path: Path):
@@ -108,11 +114,34 @@ def edit(model: str = typer.Option(..., "--model", "-m"),
 def ask(model: str = typer.Option(..., "--model", "-m"),
         image: Path = typer.Option(..., "--image", "-i"),
         question: str = typer.Option(..., "--question", "-q", help="e.g. 'how many circles are there?'"),
-        max_new_tokens: int = typer.Option(96)):
+        max_new_tokens: int = typer.Option(96),
+        speculative: bool = typer.Option(False, "--speculative",
+                                         help="decode with the draft model (the same greedy answer, float32)"),
+        draft: str = typer.Option("models:/hyperbagel-draft@champion", "--draft",
+                                  help="the draft's model URI (other profiles: hyperbagel-draft-PROFILE)"),
+        chain: int = typer.Option(10, help="draft tokens per round"),
+        verbose: bool = typer.Option(False, "--verbose", "-v", help="print tau and tokens/s")):
     """Answer a question about an image (or describe it: 'describe the image in detail')."""
     src = _read_image(image)
     teacher = _run(lambda: _load(model))
-    typer.echo(_run(lambda: teacher.ask(src, [question], max_new_tokens=max_new_tokens))[0])
+    if not speculative:
+        typer.echo(_run(lambda: teacher.ask(src, [question], max_new_tokens=max_new_tokens))[0])
+        return
+    from components import speculative as spec
+    from components.draft import load_draft
+
+    def _draft():
+        ckpt, md5 = _checkpoint(draft)
+        return load_draft(ckpt, teacher.understanding, md5)
+
+    drafter = _run(_draft)
+    answer, stats = _run(lambda: spec.ask(teacher, drafter, src, question, max_new_tokens, chain, compare=verbose))
+    typer.echo(answer)
+    if verbose:
+        err.print(f"tau {stats['tau']:.2f} ({stats['rounds']:.0f} rounds, {stats['tokens']:.0f} tokens); "
+                  f"{stats['tokens_per_s']:.1f} tokens/s speculative, {stats['tokens_per_s_target']:.1f} tokens/s "
+                  f"target alone ({stats['tokens_per_s'] / max(stats['tokens_per_s_target'], 1e-9):.2f}x); "
+                  f"identical to the target's answer: {'yes' if stats['identical'] else 'no'}")
 
 
 def register(app: typer.Typer) -> None:

@@ -144,6 +144,13 @@ def test_trains_lowers_the_loss_resumes_exports_and_is_lossless(setup_dirs, tmp_
     with pytest.raises(InputError, match="another target"):
         draft.load_draft(tmp_path / "ckpt", other)
 
+    # the Teacher-level speculative answer (what `hyperbagel ask --speculative` prints)
+    teacher = full.extra["teacher"]
+    u8 = full.data["images"][:1].permute(0, 2, 3, 1).numpy()
+    answer, stats = speculative.ask(teacher, loaded, u8, "what colour is the shape?", 12, compare=True)
+    assert isinstance(answer, str)
+    assert stats["identical"] == 1.0 and stats["tokens_per_s"] >= 0 and stats["tokens_per_s_target"] >= 0
+
     # evaluate: the stage's metrics on held-out prompts
     m = draft.evaluate(full)
     assert m["identical_fraction"] == 1.0 and m["tau"] >= 1.0 and m["speedup"] > 0
