@@ -212,8 +212,8 @@ def train_step(state: TrainState, step: int) -> dict[str, float]:
     for group in opt.param_groups:
         group["lr"] = p.lr * min(1.0, (step + 1) / max(1, p.warmup))
     model.train()
-    loss, logs = ttt_loss(_raw(model), states, embeds, logits, first, last, p.ttt_steps, p.ttt_decay,
-                          p.ce_lambda())
+    # through the module's forward, so a data-parallel wrapper synchronises the gradients
+    loss, logs = model(ttt_loss, states, embeds, logits, first, last, p.ttt_steps, p.ttt_decay, p.ce_lambda())
     opt.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(_raw(model).trainable(), p.grad_clip)

@@ -107,7 +107,7 @@ def generate(target: Understanding, draft: Draft, image: torch.Tensor, prompt: l
         k = min(chain, max_new_tokens - len(emitted))
         # 1. draft: catch up on the verified positions, then a chain of k tokens
         pos = torch.arange(p0, n)
-        feat = draft.fuse(states, pos, dec_cache) if draft.cfg.fusion == "meta" else draft.fuse(states, pos)
+        feat = draft.fuse(states, pos, dec_cache)
         _crop(d_cache, p0)
         h = draft.step(feat, nxt, pos, d_cache)[:, -1:]
         drafts: list[int] = []
@@ -190,6 +190,11 @@ class Benchmark:
                "tokens_per_s_speculative": self.tokens_per_s["speculative"], "speedup": self.speedup}
         out.update({f"alpha_{i + 1}": a for i, a in enumerate(self.alpha)})
         return out
+
+    def report(self) -> dict:
+        """The benchmark report's ``speculative`` keys (without the ablation)."""
+        return {"n_prompts": self.n_prompts, "identical_fraction": self.identical_fraction, "tau": self.tau,
+                "alpha": self.alpha, "tokens_per_s": dict(self.tokens_per_s), "speedup": self.speedup}
 
 
 @torch.no_grad()

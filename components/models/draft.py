@@ -157,6 +157,10 @@ class Draft(nn.Module):
             m.requires_grad_(False)
         return draft
 
+    def forward(self, fn, *args, **kwargs):
+        """``fn(self, *args)``: lets a training loss run through a data-parallel wrapper's forward."""
+        return fn(self, *args, **kwargs)
+
     def trainable(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
 
