@@ -31,6 +31,7 @@ import numpy as np
 from scipy import ndimage
 
 from components.evaluation.geneval import relative_position
+from components.evaluation.images import load_png
 from components.world.detector import Analysis, Detection, ShapesDetector
 from components.world.gedit import matches, parse
 
@@ -425,13 +426,7 @@ def score_gedit(rows: list[dict], sources: list[np.ndarray], edited: list[np.nda
 
 # ----------------------------------------------------------------------------- folders
 def _load_png(path: Path) -> np.ndarray:
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as im:
-            return np.asarray(im.convert("RGB"))
-    except (UnidentifiedImageError, OSError) as e:
-        raise GEditInputError(f"{path}: not a readable image ({e})") from None
+    return load_png(path, GEditInputError)
 
 
 def read_benchmark(path: Path) -> list[dict]:

@@ -30,6 +30,8 @@ from typing import Any, Callable, Iterable, Protocol
 
 import numpy as np
 
+from components.evaluation.images import load_png
+
 COLORS = ("red", "orange", "yellow", "green", "blue", "purple", "pink", "brown", "black", "white")
 TAGS = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
 RELATIONS = ("left of", "right of", "above", "below")
@@ -340,13 +342,7 @@ def write_folder(metadata_rows: list[dict], images_per_prompt: list[list[np.ndar
 
 
 def _load_png(path: Path) -> np.ndarray:
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as im:
-            return np.asarray(im.convert("RGB"))
-    except (UnidentifiedImageError, OSError) as e:
-        raise GenEvalInputError(f"{path}: not a readable image ({e})") from None
+    return load_png(path, GenEvalInputError)
 
 
 def evaluate_folder(images_dir: Path, out_dir: Path | None = None, detector: str | Detector = "shapes_cv",
