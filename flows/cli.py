@@ -229,11 +229,12 @@ def ui(which: str = typer.Argument("mlflow", help="mlflow or prefect"),
 
 def _mount_groups() -> None:
     """Command groups that live in their own modules (flows/cli_*.py)."""
-    from flows import cli_infer, cli_world
+    from flows import cli_infer, cli_ops, cli_world
 
     app.add_typer(cli_world.eval_app, name="eval", help="Score generated images (GenEval-, GEdit-shapes).")
     app.add_typer(cli_world.world_app, name="world", help="Look at the shapes world.")
     cli_infer.register(app)
+    cli_ops.register(app)  # serve, retrain, audit
 
 
 _mount_groups()

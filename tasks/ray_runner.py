@@ -188,6 +188,20 @@ def storage_path(state: Path) -> str:
     return os.environ.get("HYPERBAGEL_RAY_STORAGE") or str(state / "ray")
 
 
+def storage_target(state: Path) -> tuple[str, Any]:
+    """Ray Train's ``(storage_path, storage_filesystem)``: a local folder, or for ``s3://`` a
+    pyarrow S3 filesystem configured from the standard AWS settings (endpoint included)."""
+    storage = storage_path(state)
+    if storage.startswith("s3://"):
+        from tasks import s3
+
+        bucket, prefix = s3.split(storage)
+        return f"{bucket}/{prefix}".rstrip("/"), s3.pyarrow_fs()
+    if "://" not in storage:
+        Path(storage).mkdir(parents=True, exist_ok=True)
+    return storage, None
+
+
 def run_train_stage(*, stage: str, module: str, params: dict[str, Any], data_dir: Path | None,
                     parent_dir: Path | None, compute: ComputeParams, run_name: str, state: Path,
                     workdir: Path, extra: dict[str, Path] | None = None) -> TrainResult:
@@ -196,8 +210,7 @@ def run_train_stage(*, stage: str, module: str, params: dict[str, Any], data_dir
     from ray.train.torch import TorchTrainer
 
     storage = storage_path(state)
-    if "://" not in storage:
-        Path(storage).mkdir(parents=True, exist_ok=True)
+    path, filesystem = storage_target(state)
     marker_dir = state / "faults" / run_name
     config = {"stage": stage, "module": module, "params": params,
               "data_dir": str(data_dir) if data_dir else None,
@@ -212,7 +225,7 @@ def run_train_stage(*, stage: str, module: str, params: dict[str, Any], data_dir
         train_loop_config=config,
         scaling_config=ScalingConfig(num_workers=compute.num_workers, use_gpu=compute.use_gpu,
                                      resources_per_worker=resources),
-        run_config=RunConfig(name=run_name, storage_path=storage,
+        run_config=RunConfig(name=run_name, storage_path=path, storage_filesystem=filesystem,
                              failure_config=FailureConfig(max_failures=compute.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2)),
     )

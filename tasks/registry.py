@@ -148,7 +148,11 @@ def lineage(c, uri: str) -> dict[str, Any]:
             "data": {"stage": t.get("data.stage"), "md5": t.get("data.md5")} if t.get("data.md5") else None,
             "metrics": {k: v for k, v in r.data.metrics.items() if not k.startswith("train/")},
         })
-        for role in ("parent", "data", "evaluates"):
+        if t.get("batch.md5"):  # a data version made by adding a batch to the previous one
+            chain[-1]["kind"] = "ingest"
+            chain[-1]["batch"] = {"name": t.get("batch.name"), "md5": t["batch.md5"], "source": t.get("batch.source")}
+            chain[-1]["previous"] = {"stage": t.get("previous.stage"), "md5": t.get("previous.md5")}
+        for role in ("parent", "data", "evaluates", "previous"):
             pmd5 = t.get(f"{role}.md5")
             if pmd5 and pmd5 not in seen:
                 pr = _run_by_md5(c, exp_ids, pmd5)
@@ -160,7 +164,8 @@ def lineage(c, uri: str) -> dict[str, Any]:
                     todo.append(pr)
     return {"model": mv.name, "version": str(mv.version), "aliases": list(mv.aliases),
             "promotion": {"decision": mv.tags.get("promotion.decision"), "reason": mv.tags.get("promotion.reason")},
-            "metrics": metrics_of(mv), "chain": chain}
+            "metrics": metrics_of(mv), "chain": chain,
+            "batches": [e["batch"] for e in chain if e.get("batch")]}
 
 
 def gate_for(pipeline_params, model: str) -> GateParams:

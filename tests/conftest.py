@@ -121,3 +121,20 @@ def tiny_project(tmp_path, monkeypatch):
 
 def set_params(proj: Path, text: str) -> None:
     (proj / "params.yaml").write_text(textwrap.dedent(text))
+
+
+@pytest.fixture(scope="session")
+def moto_s3():
+    """A real S3 endpoint: moto in server mode on 127.0.0.1 (a free port), fake credentials.
+
+    Yields the endpoint URL; tests point the standard AWS variables at it."""
+    import logging
+
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # no request log lines
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
