@@ -175,7 +175,8 @@ def lineage(model_uri: str = typer.Argument(..., help="models:/NAME@ALIAS or mod
         table.add_column(col, overflow="fold")
     for e in info["chain"]:
         metrics = ", ".join(f"{k}={v:.4g}" for k, v in list((e.get("metrics") or {}).items())[:6])
-        table.add_row(str(e.get("stage")), f"{e.get('md5')}\n{e.get('dvc_path')}", str(e.get("params_hash", "")),
+        stage = str(e.get("stage")) + (f"\n+ batch {e['batch']['name']}\n{e['batch']['md5']}" if e.get("batch") else "")
+        table.add_row(stage, f"{e.get('md5')}\n{e.get('dvc_path')}", str(e.get("params_hash", "")),
                       str(e.get("git_sha", ""))[:12], str(e.get("mlflow_run_id", "missing")),
                       str(e.get("prefect_flow_run_id", "")), metrics)
     console.print(table)

@@ -81,7 +81,8 @@ def register(app: typer.Typer) -> None:
             for ch in report["checks"]:
                 mark = "PASS" if ch["ok"] else "FAIL"
                 detail = f" ({ch['detail']})" if ch["detail"] else ""
-                console.print(f"{mark}  {ch['check']}: {ch['object']}{detail}", markup=False, highlight=False)
+                console.print(f"{mark}  {ch['check']}: {ch['object']}{detail}", markup=False, highlight=False,
+                              soft_wrap=True)
             console.print(f"audit of {report['model']} v{report['version']}: "
                           f"{'PASS' if report['ok'] else 'FAIL'} ({len(report['checks'])} checks)", markup=False)
         if not report["ok"]:

@@ -67,9 +67,10 @@ def ensure_ray(project: Path, num_cpus: int | None = None) -> str:
         _OWNED = True
         env_vars = {"PYTHONPATH": os.pathsep.join(filter(None, [str(project), os.environ.get("PYTHONPATH")])),
                     "HYPERBAGEL_PROJECT": str(project)}
+        # no credentials here: a runtime_env can end up in Ray's logs. A local runtime inherits this
+        # process's environment; S3 storage gets its credentials through its filesystem object.
         for key in ("MLFLOW_TRACKING_URI", "HYPERBAGEL_STATE", "HYPERBAGEL_FAULT_AT_STEP",
-                    "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID",
-                    "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION"):
+                    "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION"):
             if os.environ.get(key):
                 env_vars[key] = os.environ[key]
         kwargs: dict[str, Any] = dict(runtime_env={"env_vars": env_vars}, log_to_driver=True,
