@@ -251,6 +251,28 @@ def test_credentials_are_never_recorded(ops):
     assert not leaks
 
 
+def test_a_local_watch_takes_only_complete_batches_and_keeps_everything(tmp_path):
+    from tasks import batches
+
+    root = tmp_path / "incoming"
+    for name in ("b1", "b2", "half"):
+        _make_batch(root / name, n=2)
+    (root / "b1" / batches.READY).touch()
+    (root / "b2" / batches.READY).touch()  # "half" has no _READY yet: still being written
+    src = batches.open_source(str(root))
+    assert src.pending() == ["b1", "b2"]
+    got = src.fetch("b1", tmp_path / "fetched")
+    assert (got / "t2i" / "t2i.jsonl").exists() and not (got / batches.READY).exists()
+    files = sorted(p.relative_to(root / "b2").as_posix() for p in (root / "b2").rglob("*") if p.is_file())
+    src.accept("b1")
+    src.reject("b2", "t2i/t2i.jsonl:1: field 'prompt' must be a str")
+    assert src.pending() == [] and (root / "_accepted" / "b1" / "t2i" / "t2i.jsonl").exists()
+    kept = sorted(p.relative_to(root / "_rejected" / "b2").as_posix()
+                  for p in (root / "_rejected" / "b2").rglob("*") if p.is_file())
+    assert kept == sorted([*files, batches.REASON])
+    assert "field 'prompt'" in (root / "_rejected" / "b2" / batches.REASON).read_text()
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
