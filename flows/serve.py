@@ -110,6 +110,34 @@ def schedule_upcoming(names: list[str], n: int = 3) -> int:
     return upcoming
 
 
+def clear_scheduled(names: list[str]) -> int:
+    """Delete the not-yet-started scheduled runs of these deployments (left by a previous
+    ``serve`` whose schedule may differ), so a restart does not run a backlog of late runs."""
+    from prefect import get_client
+    from prefect.client.schemas.filters import (DeploymentFilter, DeploymentFilterId, FlowRunFilter,
+                                                FlowRunFilterState, FlowRunFilterStateType)
+    from prefect.client.schemas.objects import StateType
+
+    removed = 0
+    with get_client(sync_client=True) as client:
+        ids = []
+        for name in names:
+            try:
+                ids.append(client.read_deployment_by_name(name).id)
+            except Exception:  # noqa: BLE001 - not registered yet: nothing to clear
+                continue
+        if not ids:
+            return 0
+        runs = client.read_flow_runs(
+            deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=ids)),
+            flow_run_filter=FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(
+                any_=[StateType.SCHEDULED]))))
+        for run in runs:
+            client.delete_flow_run(run.id)
+            removed += 1
+    return removed
+
+
 def serve_all(items: list, top_up_every_s: float = 60.0) -> None:
     """Serve the deployments (blocking); keep their next scheduled runs created meanwhile."""
     import threading
@@ -117,6 +145,7 @@ def serve_all(items: list, top_up_every_s: float = 60.0) -> None:
     from prefect import serve
 
     names = [f"{d.flow_name}/{d.name}" for d in items if d.schedules]
+    clear_scheduled(names)
     for d in items:
         d.apply()
     stop = threading.Event()
