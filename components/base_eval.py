@@ -63,6 +63,23 @@ def _timed(fn, *args, **kwargs) -> tuple[np.ndarray, float]:
     return out, time.perf_counter() - t0
 
 
+def _batch_or_each(fn, n: int, fallback) -> tuple[list[np.ndarray], int]:
+    """``fn(indices)`` on the whole batch; if the model cannot read one of its texts (a word it
+    never saw), each item alone, with ``fallback(i)`` for the unreadable ones. Returns the images
+    and the number of unreadable items."""
+    try:
+        return list(fn(list(range(n)))), 0
+    except InputError:
+        out, bad = [], 0
+        for i in range(n):
+            try:
+                out.append(fn([i])[0])
+            except InputError:
+                bad += 1
+                out.append(fallback(i))
+        return out, bad
+
+
 def _geneval(teacher: Teacher, p: Params, out_dir: Path, log) -> tuple[dict, dict[str, np.ndarray], int]:
     rows = geneval_prompts.make_prompts(seed=p.geneval_seed, n=p.geneval_per_tag)
     images: list[list[np.ndarray]] = [[] for _ in rows]
@@ -70,17 +87,11 @@ def _geneval(teacher: Teacher, p: Params, out_dir: Path, log) -> tuple[dict, dic
     for s in range(p.samples):
         for b in range(0, len(rows), p.batch):
             part = rows[b:b + p.batch]
-            try:
-                out = teacher.generate([r["prompt"] for r in part], seed=p.seed + 7919 * s + b, num_steps=p.num_steps)
-            except InputError:  # a word the model never saw: each prompt alone, unknown ones score 0
-                out = []
-                for r in part:
-                    try:
-                        out.append(teacher.generate([r["prompt"]], seed=p.seed + 7919 * s + b,
-                                                    num_steps=p.num_steps)[0])
-                    except InputError:
-                        unknown += 1
-                        out.append(np.full((64, 64, 3), 127, dtype=np.uint8))
+            grey = np.full((64, 64, 3), 127, dtype=np.uint8)  # an unreadable prompt scores 0
+            out, n_bad = _batch_or_each(
+                lambda idx: teacher.generate([part[i]["prompt"] for i in idx], seed=p.seed + 7919 * s + b,
+                                             num_steps=p.num_steps), len(part), lambda i: grey)
+            unknown += n_bad
             for i, img in enumerate(out):
                 images[b + i].append(np.asarray(img))
         log(f"geneval: sample {s + 1}/{p.samples} of {len(rows)} prompts")
@@ -108,15 +119,9 @@ def _gedit(teacher: Teacher, p: Params, out_dir: Path, log) -> tuple[dict, dict[
             part = samples[b:b + p.batch]
             src = np.stack([render(s["source"]) for s in part])
             texts = [gedit.instruction(s["edit"], lang, s["variant"]) for s in part]
-            try:
-                edited = teacher.edit(src, texts, seed=p.seed + b, num_steps=p.num_steps)
-            except InputError:
-                edited = []
-                for x, t in zip(src, texts):
-                    try:
-                        edited.append(teacher.edit(x[None], [t], seed=p.seed + b, num_steps=p.num_steps)[0])
-                    except InputError:
-                        edited.append(x)  # an instruction the model cannot read: nothing is edited
+            edited, _ = _batch_or_each(  # an instruction the model cannot read: nothing is edited
+                lambda idx: teacher.edit(src[idx], [texts[i] for i in idx], seed=p.seed + b, num_steps=p.num_steps),
+                len(part), lambda i: src[i])
             for s, x, y, t in zip(part, src, edited, texts):
                 sc, pq, o = judge.evaluate([x, np.asarray(y)], t)
                 scores[lang][s["task_type"]].append((sc, pq, o))

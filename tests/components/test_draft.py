@@ -149,7 +149,7 @@ def test_trains_lowers_the_loss_resumes_exports_and_is_lossless(setup_dirs, tmp_
     u8 = full.data["images"][:1].permute(0, 2, 3, 1).numpy()
     answer, stats = speculative.ask(teacher, loaded, u8, "what colour is the shape?", 12, compare=True)
     assert isinstance(answer, str)
-    assert stats["identical"] == 1.0 and stats["tokens_per_s"] >= 0 and stats["tokens_per_s_target"] >= 0
+    assert stats["identical"] == 1.0 and {"tokens_per_s", "tokens_per_s_target"} <= set(stats)
 
     # evaluate: the stage's metrics on held-out prompts
     m = draft.evaluate(full)
