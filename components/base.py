@@ -35,7 +35,8 @@ from components.models.autoencoder import Autoencoder, AutoencoderConfig
 from components.models.generator import GenCondition, Generator, GeneratorConfig
 from components.models.tokens import Tokenizer, split
 from components.models.understanding import IGNORE, Understanding, UnderstandingConfig
-from components.training import Export, StageContext, TrainParams, TrainState
+from components.gen_data import GenData, images_to_unit
+from components.training import Export, StageContext, TrainParams, TrainState, ema_update
 
 CALIBRATION_IMAGES = 512
 
@@ -186,10 +187,6 @@ def _set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
         group["lr"] = lr
 
 
-def _images(u8: torch.Tensor) -> torch.Tensor:
-    return u8.float() / 127.5 - 1.0
-
-
 def train_step(state: TrainState, step: int) -> dict[str, float]:
     p: Params = state.extra["params"]
     if p.source == "import":
@@ -216,63 +213,42 @@ def _ae_step(state: TrainState, step: int, g: torch.Generator) -> dict[str, floa
     ae, opt = state.modules["autoencoder"], state.optimizers["ae"]
     _set_lr(opt, _lr(p.ae_lr, step, p.warmup))
     with autocast(p.bf16):
-        loss, logs = ae(_images(t2i.images[idx]))
+        loss, logs = ae(images_to_unit(t2i.images[idx]))
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
     return logs
 
 
-def _latents(state: TrainState) -> dict[str, torch.Tensor]:
-    """Normalised latents of every T2I image and edit pair; the autoencoder is frozen from here on
+def _gen_data(state: TrainState) -> GenData:
+    """Latents of every T2I image and edit pair; the autoencoder is frozen from here on
     (calibrated once, when the generation phase starts; a resumed run restores the calibration)."""
-    cache = state.data.get("latents")
-    if cache is not None:
-        return cache
+    data = state.data.get("gen")
+    if data is not None:
+        return data
     p: Params = state.extra["params"]
     ae: Autoencoder = _raw(state.modules["autoencoder"])
     world = state.data["world"]
     if not ae.is_calibrated:
-        ae.calibrate(_images(world.t2i.images[:CALIBRATION_IMAGES]))
+        ae.calibrate(images_to_unit(world.t2i.images[:CALIBRATION_IMAGES]))
     ae.eval().requires_grad_(False)
-
-    def enc(u8: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad(), autocast(p.bf16):
-            return torch.cat([ae.encode(_images(u8[i:i + 256])).float() for i in range(0, len(u8), 256)])
-
-    cache = {"t2i": enc(world.t2i.images)}
-    if world.edit is not None:
-        cache["edit_src"], cache["edit_tgt"] = enc(world.edit.images), enc(world.edit.targets)
-    state.data["latents"] = cache
-    return cache
-
-
-def _text_ids(state: TrainState, kind: str, texts: list[str]) -> torch.Tensor:
-    ids = state.data["gen_text"].get(kind)
-    if ids is None:
-        ids = state.data["gen_text"][kind] = state.extra["teacher"].text_ids(texts)
-    return ids
+    teacher: Teacher = state.extra["teacher"]
+    data = state.data["gen"] = GenData.build(world, ae, teacher.text_ids, teacher.tokenizer.pad_id, p.bf16)
+    return data
 
 
 def _gen_batch(state: TrainState, g: torch.Generator) -> tuple[torch.Tensor, GenCondition]:
     """A batch of T2I pairs and edit triplets with text and source dropout."""
     p: Params = state.extra["params"]
-    world, lat = state.data["world"], _latents(state)
-    pad = state.extra["teacher"].tokenizer.pad_id
-    n_edit = round(p.batch_size * p.edit_fraction) if world.edit is not None else 0
-    n_t2i = p.batch_size - n_edit
-    i_t = torch.randint(0, len(world.t2i), (n_t2i,), generator=g)
-    x0, text = lat["t2i"][i_t], _text_ids(state, "t2i", world.t2i.texts)[i_t]
-    src, has = torch.zeros_like(x0), torch.zeros(n_t2i)
+    data = _gen_data(state)
+    n_edit = round(p.batch_size * p.edit_fraction) if data.has_edits else 0
+    x0, cond = data.batch(p.batch_size - n_edit, n_edit, g)
     if n_edit:
-        i_e = torch.randint(0, len(world.edit), (n_edit,), generator=g)
-        x0 = torch.cat([x0, lat["edit_tgt"][i_e]])
-        text = torch.cat([text, _text_ids(state, "edit", world.edit.texts)[i_e]])
-        src = torch.cat([src, lat["edit_src"][i_e]])
-        has = torch.cat([has, (torch.rand(n_edit, generator=g) >= p.image_dropout).float()])
+        keep = (torch.rand(n_edit, generator=g) >= p.image_dropout).float()
+        cond.has_source = torch.cat([cond.has_source[:-n_edit], keep])
     drop = torch.rand(p.batch_size, generator=g) < p.text_dropout
-    text = torch.where(drop[:, None], torch.full_like(text, pad), text)
-    return x0, GenCondition(text, src, has, pad_id=pad)
+    cond.text = torch.where(drop[:, None], torch.full_like(cond.text, data.pad_id), cond.text)
+    return x0, cond
 
 
 def _gen_step(state: TrainState, step: int, g: torch.Generator) -> dict[str, float]:
@@ -289,14 +265,8 @@ def _gen_step(state: TrainState, step: int, g: torch.Generator) -> dict[str, flo
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
-    _ema_update(state.modules["generator_ema"], _raw(model), min(p.ema_decay, (1 + step) / (10 + step)))
+    ema_update(state.modules["generator_ema"], _raw(model), min(p.ema_decay, (1 + step) / (10 + step)))
     return {"gen_loss": loss.item()}
-
-
-@torch.no_grad()
-def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
-    for e, m in zip(ema.parameters(), model.parameters()):
-        e.lerp_(m, 1.0 - decay)
 
 
 def _und_batch(state: TrainState, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -311,7 +281,7 @@ def _und_batch(state: TrainState, g: torch.Generator) -> tuple[torch.Tensor, tor
         q, a = rows[i]
         ids[r, :len(q) + len(a)] = torch.tensor(q + a)
         labels[r, len(q):len(q) + len(a)] = torch.tensor(a)
-    return _images(state.data["world"].und_train.images[idx]), ids, labels
+    return images_to_unit(state.data["world"].und_train.images[idx]), ids, labels
 
 
 def _und_step(state: TrainState, step: int, g: torch.Generator) -> dict[str, float]:

@@ -1,4 +1,10 @@
-"""The ``base_eval`` stage: the teacher on GenEval-shapes, GEdit-shapes (EN and CN) and held-out Q&A.
+"""The evaluation stages (``base_eval``, ``cfg_distill_eval``, ``tscd_eval``, ``dmdo_eval``): a generation
+model on GenEval-shapes, GEdit-shapes (EN and CN) and held-out Q&A.
+
+The model is the teacher (BAGEL's CFG, 50 steps) or a distilled student (CFG embedded, its own
+default steps: 50 after ``cfg_distill``, 6 after ``tscd`` and ``dmdo``); ``num_steps`` overrides
+that default and ``extra_steps`` adds GenEval-only rows at other step counts (``geneval_s{N}_*``
+metrics: the teacher with 6 steps, the CFG-distilled model with 6).
 
 GenEval-shapes: every prompt of :func:`components.world.geneval_prompts.make_prompts`, ``samples``
 images each (GenEval's 4), sampled with BAGEL's T2I CFG; scored by
@@ -37,6 +43,9 @@ from components.world import gedit, geneval_prompts
 from components.world.render import render
 
 
+SPEED_PROMPT = "a photo of a red circle"
+
+
 class Params(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -46,7 +55,9 @@ class Params(BaseModel):
     samples: int = Field(4, ge=1, description="images per GenEval prompt (GenEval: 4)")
     gedit_scale: float = Field(1.0, gt=0, le=1, description="share of GEdit's per-category counts")
     und_rows: int = Field(512, ge=0, description="held-out Q&A rows scored")
-    num_steps: int = Field(50, ge=1, description="Euler steps (BAGEL: 50)")
+    num_steps: int | None = Field(None, ge=1, description="Euler steps (null: the model's own; BAGEL: 50)")
+    extra_steps: list[int] = Field(default_factory=list, description="GenEval-only rows at these step counts")
+    gedit: bool = Field(True, description="score GEdit-shapes EN and CN")
     batch: int = Field(16, ge=1, description="sampling batch; time per image is also taken at batch 1")
     torch_threads: int = Field(2, ge=1)
 
@@ -80,7 +91,8 @@ def _batch_or_each(fn, n: int, fallback) -> tuple[list[np.ndarray], int]:
         return out, bad
 
 
-def _geneval(teacher: Teacher, p: Params, out_dir: Path, log) -> tuple[dict, dict[str, np.ndarray], int]:
+def _geneval(teacher: Teacher, p: Params, out_dir: Path, log, num_steps: int | None = None,
+             name: str = "geneval") -> tuple[dict, dict[str, np.ndarray], int]:
     rows = geneval_prompts.make_prompts(seed=p.geneval_seed, n=p.geneval_per_tag)
     images: list[list[np.ndarray]] = [[] for _ in rows]
     unknown = 0
@@ -90,14 +102,14 @@ def _geneval(teacher: Teacher, p: Params, out_dir: Path, log) -> tuple[dict, dic
             grey = np.full((64, 64, 3), 127, dtype=np.uint8)  # an unreadable prompt scores 0
             out, n_bad = _batch_or_each(
                 lambda idx: teacher.generate([part[i]["prompt"] for i in idx], seed=p.seed + 7919 * s + b,
-                                             num_steps=p.num_steps), len(part), lambda i: grey)
+                                             num_steps=num_steps), len(part), lambda i: grey)
             unknown += n_bad
             for i, img in enumerate(out):
                 images[b + i].append(np.asarray(img))
-        log(f"geneval: sample {s + 1}/{p.samples} of {len(rows)} prompts")
-    geneval.write_folder(rows, images, out_dir / "geneval")
+        log(f"{name}: sample {s + 1}/{p.samples} of {len(rows)} prompts")
+    geneval.write_folder(rows, images, out_dir / name)
     summary = geneval.score_geneval(rows, images, return_results=True)
-    with open(out_dir / "geneval" / "results.jsonl", "w") as f:
+    with open(out_dir / name / "results.jsonl", "w") as f:
         for r in summary.pop("results"):
             f.write(json.dumps(r, default=str) + "\n")
     by_tag: dict[str, list[np.ndarray]] = defaultdict(list)
@@ -105,7 +117,7 @@ def _geneval(teacher: Teacher, p: Params, out_dir: Path, log) -> tuple[dict, dic
         if len(by_tag[r["tag"]]) < 8:
             by_tag[r["tag"]].append(imgs[0])
     grid = _grid([np.concatenate(v, axis=1) for v in by_tag.values()])
-    return summary, {"geneval_by_tag": grid}, unknown
+    return summary, {f"{name}_by_tag": grid}, unknown
 
 
 def _gedit(teacher: Teacher, p: Params, out_dir: Path, log) -> tuple[dict, dict[str, np.ndarray]]:
@@ -140,21 +152,27 @@ def _gedit(teacher: Teacher, p: Params, out_dir: Path, log) -> tuple[dict, dict[
     return summary, {"gedit_source_result": _grid(shown)} if shown else {}
 
 
-def _speed(teacher: Teacher, p: Params, prompt: str, src: np.ndarray, instr: str) -> dict[str, float]:
-    """Seconds per image at batch 1 and at ``batch``, and the NFE counted per image (batch 1)."""
-    out = {}
-    for b in (p.batch, 1):
-        _, dt = _timed(teacher.generate, [prompt] * b, seed=p.seed, num_steps=p.num_steps)
+def sampling_speed(model: Teacher, batch: int, num_steps: int | None = None, seed: int = 0,
+                   repeats: int = 1) -> dict[str, float]:
+    """Seconds per image (best of ``repeats``) at batch 1 and at ``batch`` for T2I and editing, on a
+    fixed prompt and GEdit-shapes edit, and the NFE counted per image."""
+    first = gedit.make_samples(seed=0, scale=0.01)[0]
+    src = render(first["source"])
+    instr = gedit.instruction(first["edit"], "en", first["variant"])
+    out: dict[str, float] = {}
+    for b in (batch, 1):
+        dt = min(_timed(model.generate, [SPEED_PROMPT] * b, seed=seed, num_steps=num_steps)[1]
+                 for _ in range(repeats))
         out[f"t2i_b{b}_s"] = dt / b
-    out["nfe_t2i"] = float(teacher.last_nfe)
-    for b in (p.batch, 1):
+    out["nfe_t2i"] = float(model.last_nfe)
+    for b in (batch, 1):
         try:
-            _, dt = _timed(teacher.edit, np.repeat(src[None], b, axis=0), [instr] * b, seed=p.seed,
-                           num_steps=p.num_steps)
+            dt = min(_timed(model.edit, np.repeat(src[None], b, axis=0), [instr] * b, seed=seed,
+                            num_steps=num_steps)[1] for _ in range(repeats))
         except InputError:
             continue
         out[f"edit_b{b}_s"] = dt / b
-        out["nfe_edit"] = float(teacher.last_nfe)
+        out["nfe_edit"] = float(model.last_nfe)
     return out
 
 
@@ -170,34 +188,40 @@ def run(ctx: StageContext, out_dir: Path) -> dict[str, float]:
 
     ck = load_checkpoint(ctx.extra["evaluates"])
     teacher = Teacher.from_parts(ck.config, ck.tensors)
-    metrics: dict[str, float] = {}
-    results: dict = {"teacher": {"stage": ck.manifest.get("stage"), "md5": ck.manifest.get("md5")}}
+    metrics: dict[str, float] = {"num_steps": float(p.num_steps or teacher.default_steps)}
+    results: dict = {"model": {"stage": ck.manifest.get("stage"), "md5": ck.manifest.get("md5"),
+                               "sampler": teacher.sampler, "embedded_cfg": teacher.embedded_cfg}}
 
-    summary, grids, unknown = _geneval(teacher, p, out_dir, log)
+    summary, grids, unknown = _geneval(teacher, p, out_dir, log, p.num_steps)
     results["geneval"] = summary
     metrics["geneval_overall"] = float(summary["overall"])
     for tag, acc in summary["tags"].items():
         metrics[f"geneval_{tag}"] = float(acc)
     metrics["geneval_unknown_prompts"] = float(unknown)
+    for steps in p.extra_steps:
+        name = f"geneval_s{steps}"
+        extra, g_extra, _ = _geneval(teacher, p, out_dir, log, steps, name)
+        results[name] = extra
+        grids.update(g_extra)
+        metrics[f"{name}_overall"] = float(extra["overall"])
+        for tag, acc in extra["tags"].items():
+            metrics[f"{name}_{tag}"] = float(acc)
 
-    gsum, g2 = _gedit(teacher, p, out_dir, log)
-    grids.update(g2)
-    results["gedit"] = gsum
-    for lang, s in gsum.items():
-        for k in ("SC", "PQ", "O"):
-            metrics[f"gedit_{lang}_{k}"] = s[k]
+    if p.gedit:
+        gsum, g2 = _gedit(teacher, p, out_dir, log)
+        grids.update(g2)
+        results["gedit"] = gsum
+        for lang, s in gsum.items():
+            for k in ("SC", "PQ", "O"):
+                metrics[f"gedit_{lang}_{k}"] = s[k]
 
-    world = load_world(ctx.data_dir)
-    held = world.und_heldout
-    if held is not None and p.und_rows:
+    held = load_world(ctx.data_dir).und_heldout if p.und_rows else None
+    if held is not None:
         metrics["understanding_accuracy"] = answer_accuracy(teacher, held, p.und_rows, batch=p.batch)
     else:
         metrics["understanding_accuracy"] = math.nan
 
-    first = gedit.make_samples(seed=p.seed, scale=0.01)[0]
-    speed = _speed(teacher, p, "a photo of a red circle", render(first["source"]),
-                   gedit.instruction(first["edit"], "en", first["variant"]))
-    metrics.update(speed)
+    metrics.update(sampling_speed(teacher, p.batch, p.num_steps, p.seed))
     results["metrics"] = metrics
     from PIL import Image
 

@@ -3,6 +3,10 @@
 ``Teacher.load(path, md5)`` reads a ``base`` checkpoint (safetensors + JSON, md5-verified
 when given). ``generate`` runs BAGEL's T2I CFG (text 4, 50 steps, 100 NFE), ``edit`` its
 editing CFG (4 / 1.5, interval [0.4, 1], 132 NFE), ``ask`` greedy KV-cache decoding.
+The distilled models (``cfg_distill``, ``tscd``, ``dmdo``) are checkpoints of the same format
+whose generator has the CFG scale embeddings: they sample with the scales given to the model,
+one pass per step, and their config's ``sampler`` names their default number of steps (6 for
+the 6-NFE model: 6 NFE per image and per edit).
 Bad input raises a :class:`InputError` (a ``ValueError``) that says what is wrong: words
 the model does not know (named, from the world vocabulary), a text that is too long, an
 image that is not 64x64 RGB.
@@ -11,7 +15,7 @@ image that is not 64x64 RGB.
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +24,7 @@ import torch
 
 from components import checkpoints, sampling
 from components.models.autoencoder import Autoencoder, AutoencoderConfig
-from components.models.generator import GenCondition, Generator, GeneratorConfig
+from components.models.generator import SCALE_EMBEDDINGS, GenCondition, Generator, GeneratorConfig
 from components.models.understanding import Understanding, UnderstandingConfig
 from components.models.tokens import Tokenizer, UnknownWordError
 
@@ -68,6 +72,16 @@ class Teacher:
     tokenizer: Tokenizer
     bf16: bool = True
     last_nfe: int = 0
+    sampler: dict[str, Any] = field(default_factory=lambda: {"num_steps": 50})
+
+    @property
+    def embedded_cfg(self) -> bool:
+        """True for a CFG-distilled generator: the scales are inputs, one pass per step."""
+        return all(n in self.generator.extra_embed for n in SCALE_EMBEDDINGS)
+
+    @property
+    def default_steps(self) -> int:
+        return int(self.sampler.get("num_steps", 50))
 
     # ------------------------------------------------------------ persistence
 
@@ -75,7 +89,7 @@ class Teacher:
         return {"format": FORMAT, "vocab": self.tokenizer.tokens(),
                 "autoencoder": self.autoencoder.cfg.model_dump(mode="json"),
                 "generator": self.generator.cfg.model_dump(mode="json"),
-                "understanding": self.understanding.cfg.model_dump(mode="json")}
+                "understanding": self.understanding.cfg.model_dump(mode="json"), "sampler": dict(self.sampler)}
 
     def tensors(self) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {}
@@ -90,7 +104,8 @@ class Teacher:
         tok = Tokenizer.from_tokens(config["vocab"])
         t = cls(Autoencoder(AutoencoderConfig(**config["autoencoder"])),
                 Generator(GeneratorConfig(**config["generator"])),
-                Understanding(UnderstandingConfig(**config["understanding"])), tok)
+                Understanding(UnderstandingConfig(**config["understanding"])), tok,
+                sampler=dict(config.get("sampler") or {"num_steps": 50}))
         if tensors is not None:
             for name in PARTS:
                 getattr(t, name).load_state_dict(checkpoints.sub_state(tensors, name))
@@ -128,24 +143,26 @@ class Teacher:
         with autocast(self.bf16):
             return self.generator(x, t, cond).float()
 
-    def _sample(self, cond: GenCondition, seed: int, num_steps: int, cfg: sampling.CFG) -> np.ndarray:
+    def _sample(self, cond: GenCondition, seed: int, num_steps: int | None, cfg: sampling.CFG) -> np.ndarray:
         g = self.generator.cfg
         shape = (cond.text.shape[0], g.in_channels, g.sample_size, g.sample_size)
         noise = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
         conds = sampling.Conditions(cond, cond.without_text(), cond.without_image())
         counter = sampling.NFECounter(self._velocity)
         with torch.no_grad():
-            z = sampling.sample(counter, noise, conds, num_steps=num_steps, cfg=cfg, token_patch=g.patch_size)
+            z = sampling.sample(counter, noise, conds, num_steps=num_steps or self.default_steps, cfg=cfg,
+                                shift=float(self.sampler.get("shift", sampling.SHIFT)), token_patch=g.patch_size,
+                                embedded=self.embedded_cfg)
             images = self.autoencoder.decode(z)
         self.last_nfe = counter.nfe
         return to_uint8(images)
 
-    def generate(self, prompts: list[str], seed: int = 0, num_steps: int = 50,
+    def generate(self, prompts: list[str], seed: int = 0, num_steps: int | None = None,
                  cfg: sampling.CFG = sampling.T2I_CFG) -> np.ndarray:
-        """(B, 64, 64, 3) uint8 images for ``prompts``."""
+        """(B, 64, 64, 3) uint8 images for ``prompts`` (``num_steps``: the model's default, 50 or 6)."""
         return self._sample(GenCondition(self.text_ids(prompts), pad_id=self.tokenizer.pad_id), seed, num_steps, cfg)
 
-    def edit(self, images: np.ndarray, instructions: list[str], seed: int = 0, num_steps: int = 50,
+    def edit(self, images: np.ndarray, instructions: list[str], seed: int = 0, num_steps: int | None = None,
              cfg: sampling.CFG = sampling.EDIT_CFG) -> np.ndarray:
         """Edited (B, 64, 64, 3) uint8 images; ``images`` is (B, 64, 64, 3) uint8."""
         src = to_tensor(images, self.autoencoder.cfg.image_size)

@@ -14,7 +14,9 @@ Conventions (``reference/hyper-bagel-method.md`` §1.2, §1.4; BAGEL ``bagel.py`
   (per token, applied to the text-guided velocity before the image step).
 
 The sampler only needs a ``velocity(x, t, cond) -> v`` callable, so the teacher with
-CFG and the distilled few-step students (CFG embedded, one pass per step) share it.
+CFG and the distilled few-step students (CFG embedded: the scales in force go to the model
+through ``cond.with_scales``, one pass per step) share it; :func:`cfg_velocity` is also the
+target of CFG distillation, with per-sample scales.
 Wrap the callable in :class:`NFECounter` to count the forward passes actually run.
 """
 
@@ -130,8 +132,22 @@ def _renorm(v_ref: torch.Tensor, v_new: torch.Tensor, norm: Callable[[torch.Tens
     return v_new * scale
 
 
+Scale = float | torch.Tensor  # one scale for the batch, or one per sample ``(B,)``
+
+
+def _active(scale: Scale) -> bool:
+    return bool((torch.as_tensor(scale) > 1.0).any())
+
+
+def _per_sample(scale: Scale, like: torch.Tensor) -> Scale:
+    """A tensor of per-sample scales, clamped at 1 (a sample at 1 is unguided), shaped to broadcast."""
+    if not torch.is_tensor(scale):
+        return scale
+    return _bcast(scale.clamp(min=1.0), like)
+
+
 def combine_cfg(v: torch.Tensor, v_no_text: torch.Tensor | None, v_no_image: torch.Tensor | None,
-                text_scale: float, image_scale: float, renorm_type: RenormType = "global",
+                text_scale: Scale, image_scale: Scale, renorm_type: RenormType = "global",
                 renorm_min: float = 0.0, token_patch: int = 1) -> torch.Tensor:
     """BAGEL's serial text-then-image guidance with renorm.
 
@@ -139,22 +155,44 @@ def combine_cfg(v: torch.Tensor, v_no_text: torch.Tensor | None, v_no_image: tor
     ``clamp(|v| / |v_txt|, renorm_min, 1)``), then ``v_out = v_no_image + s_img * (v_txt - v_no_image)``
     (``global``/``channel``: rescaled by ``clamp(|v| / |v_out|, renorm_min, 1)`` per image/token).
     A scale of 1 or less skips its term (and its pass); with both off ``v`` is returned as is.
+    Scales may be per-sample tensors ``(B,)`` (CFG distillation's targets); a sample whose
+    scale is 1 then gets exactly the unguided velocity, since both formulas reduce to ``v``.
     """
-    use_text, use_image = text_scale > 1.0, image_scale > 1.0
+    use_text, use_image = _active(text_scale), _active(image_scale)
     if not (use_text or use_image):
         return v
     tok = lambda u: token_norm(u, token_patch)  # noqa: E731
     v_txt = v
     if use_text:
-        v_txt = v_no_text + text_scale * (v - v_no_text)
+        v_txt = v_no_text + _per_sample(text_scale, v) * (v - v_no_text)
         if renorm_type == "text_channel":
             v_txt = _renorm(v, v_txt, tok, renorm_min)
-    v_out = v_no_image + image_scale * (v_txt - v_no_image) if use_image else v_txt
+    v_out = v_no_image + _per_sample(image_scale, v) * (v_txt - v_no_image) if use_image else v_txt
     if renorm_type == "global":
         v_out = _renorm(v, v_out, image_norm, renorm_min)
     elif renorm_type == "channel":
         v_out = _renorm(v, v_out, tok, renorm_min)
     return v_out
+
+
+def gate_scales(cfg: "CFG", t: torch.Tensor, text_scale: torch.Tensor, image_scale: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample scales in force at per-sample times ``t``: 1 outside ``cfg.interval``."""
+    lo, hi = cfg.interval
+    inside = (t > lo) & (t <= hi)
+    one = torch.ones_like(text_scale)
+    return torch.where(inside, text_scale, one), torch.where(inside, image_scale, one)
+
+
+def cfg_velocity(velocity: Velocity, x: torch.Tensor, t: torch.Tensor, conds: "Conditions",
+                 text_scale: Scale, image_scale: Scale, cfg: "CFG", token_patch: int = 1) -> torch.Tensor:
+    """The guided velocity of BAGEL's CFG at ``(x, t)``: the conditional pass, a text-free pass when
+    a text scale is above 1 and an image-free pass when an image scale is above 1, combined by
+    :func:`combine_cfg` with ``cfg``'s renorm. The scales are those in force (already gated)."""
+    v = velocity(x, t, conds.full)
+    v_nt = velocity(x, t, _need(conds.no_text, "no_text")) if _active(text_scale) else None
+    v_ni = velocity(x, t, _need(conds.no_image, "no_image")) if _active(image_scale) else None
+    return combine_cfg(v, v_nt, v_ni, text_scale, image_scale, cfg.renorm_type, cfg.renorm_min, token_patch)
 
 
 # ---------------------------------------------------------------- sampler and NFE counting
@@ -194,24 +232,32 @@ class NFECounter:
 
 
 def sample(velocity: Velocity, noise: torch.Tensor, cond: Conditions | Any, num_steps: int = 50,
-           shift: float = SHIFT, cfg: CFG = NO_CFG, token_patch: int = 1) -> torch.Tensor:
+           shift: float = SHIFT, cfg: CFG = NO_CFG, token_patch: int = 1, embedded: bool = False,
+           trajectory: list[torch.Tensor] | None = None) -> torch.Tensor:
     """Integrate the flow ODE from ``noise`` (t = 1) to data (t = 0) with Euler steps.
 
-    Per step: the conditional pass, plus a text-free pass when the text scale in force is
-    above 1 and an image-free pass when the image scale in force is above 1, combined with
-    :func:`combine_cfg`. A plain ``cond`` (not :class:`Conditions`) means no guidance.
+    Per step, BAGEL's CFG (:func:`cfg_velocity`): the conditional pass, plus a text-free pass
+    when the text scale in force is above 1 and an image-free pass when the image scale in
+    force is above 1. With ``embedded`` (a CFG-distilled student) the scales in force are given
+    to the model instead, through ``cond.with_scales``, and every step is one pass. A plain
+    ``cond`` (not :class:`Conditions`) means no guidance. ``trajectory``, when given, receives
+    ``x`` at every visited time (``num_steps + 1`` tensors, noise first).
     """
     conds = cond if isinstance(cond, Conditions) else Conditions(cond)
     ts = timesteps(num_steps, shift)
     x = noise
+    if trajectory is not None:
+        trajectory.append(x)
     for t, t_next in zip(ts[:-1], ts[1:]):
         tt = torch.full((x.shape[0],), t, dtype=x.dtype, device=x.device)
         s_txt, s_img = cfg.scales_at(t)
-        v = velocity(x, tt, conds.full)
-        v_nt = velocity(x, tt, _need(conds.no_text, "no_text")) if s_txt > 1.0 else None
-        v_ni = velocity(x, tt, _need(conds.no_image, "no_image")) if s_img > 1.0 else None
-        v = combine_cfg(v, v_nt, v_ni, s_txt, s_img, cfg.renorm_type, cfg.renorm_min, token_patch)
+        if embedded:
+            v = velocity(x, tt, conds.full.with_scales(s_txt, s_img))
+        else:
+            v = cfg_velocity(velocity, x, tt, conds, s_txt, s_img, cfg, token_patch)
         x = euler_step(x, v, t, t_next)
+        if trajectory is not None:
+            trajectory.append(x)
     return x
 
 

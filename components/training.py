@@ -107,6 +107,13 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+@torch.no_grad()
+def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    """``ema <- decay * ema + (1 - decay) * model``, parameter by parameter."""
+    for e, m in zip(ema.parameters(), getattr(model, "module", model).parameters()):
+        e.lerp_(m, 1.0 - decay)
+
+
 def run_training(stage: Any, ctx: StageContext, reporter: Reporter,
                  progress: Callable[[int, int, dict[str, float]], None] | None = None,
                  fault_hook: Callable[[int], None] | None = None) -> TrainState:

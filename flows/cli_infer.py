@@ -89,7 +89,8 @@ def _run(fn):
 def generate(model: str = typer.Option(..., "--model", "-m", help="models:/NAME@ALIAS or models:/NAME/VERSION"),
              prompt: str = typer.Option(..., "--prompt", help="e.g. 'a photo of a red circle'"),
              out: Path = typer.Option(..., "--out", "-o", help="PNG to write"),
-             steps: int = typer.Option(50, help="Euler steps (the teacher: 50, 2 CFG passes each)"),
+             steps: int | None = typer.Option(None, help="Euler steps; default: the model's own (the teacher 50 "
+                                                        "with 2 CFG passes each, the 6-NFE model 6 with 1 pass)"),
              seed: int = typer.Option(0)):
     """Text-to-image with the model's own sampler and CFG."""
     teacher = _run(lambda: _load(model))
@@ -102,7 +103,8 @@ def edit(model: str = typer.Option(..., "--model", "-m"),
          image: Path = typer.Option(..., "--image", "-i", help="source image (64x64 RGB; others are resized)"),
          instruction: str = typer.Option(..., "--instruction"),
          out: Path = typer.Option(..., "--out", "-o"),
-         steps: int = typer.Option(50), seed: int = typer.Option(0)):
+         steps: int | None = typer.Option(None, help="Euler steps; default: the model's own (50 or 6)"),
+         seed: int = typer.Option(0)):
     """Instruction editing of an image."""
     src = _read_image(image)
     teacher = _run(lambda: _load(model))

@@ -42,7 +42,7 @@ def promote_task(ws: Workspace, gate: str, eval_stage: str) -> dict[str, Any]:
     mv = max(versions, key=lambda v: int(v.version))
     pipeline = PipelineParams.model_validate(ws.resolved_params().get("pipeline") or {})
     rules = registry.gate_for(pipeline, gate)
-    if rules.teacher:  # the teacher's champion of the same profile is the reference
+    if rules.teacher:  # the same profile's teacher version it was distilled from is the reference
         rules = rules.model_copy(update={"teacher": tracking.registered_name(rules.teacher, ws.profile)})
     res = registry.promote(c, model, str(mv.version), rules,
                            local=ws.out_path(sd.evaluates))

@@ -69,6 +69,7 @@ class StageDef:
     model: str | None  # registered model name, for model-producing stages
     evaluates: str | None  # for eval stages: the stage whose model is scored
     gate: str | None  # for eval stages: the registered model this evaluation gates
+    teacher: str | None = None  # a second model input (DMDO's real score), verified like the parent
 
     @property
     def out(self) -> str:
@@ -87,7 +88,7 @@ def read_stages(dvc_yaml: Path) -> dict[str, StageDef]:
         deps = tuple(st.get("deps") or [])
         stages[name] = StageDef(name, meta["module"], meta.get("kind", "train"), outs, deps,
                                 meta.get("parent"), meta.get("data"), meta.get("model"),
-                                meta.get("evaluates"), meta.get("gate"))
+                                meta.get("evaluates"), meta.get("gate"), meta.get("teacher"))
     return stages
 
 

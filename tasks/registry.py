@@ -81,17 +81,10 @@ class PromotionResult:
 
 def promote(c, name: str, version: str, gate: GateParams, local: Path | None = None) -> PromotionResult:
     """Gate ``name`` v``version``; on pass make it ``champion`` (the former one becomes ``previous``)."""
-    from mlflow.exceptions import MlflowException
-
     mv = c.get_model_version(name, version)
     try:
         verify_version(c, mv, local)
-        teacher = None
-        if gate.teacher:
-            try:
-                teacher = metrics_of(c.get_model_version_by_alias(gate.teacher, CHAMPION))
-            except MlflowException:
-                teacher = None
+        teacher = teacher_reference(c, mv, gate.teacher) if gate.teacher else None
         decision = decide(metrics_of(mv), gate.rules, teacher)
     except checkpoints.ChecksumMismatch as e:
         decision = Decision(False, f"integrity: {e}")
@@ -106,6 +99,21 @@ def promote(c, name: str, version: str, gate: GateParams, local: Path | None = N
         c.set_registered_model_alias(name, CHAMPION, str(version))
         current = str(version)
     return PromotionResult(name, str(version), decision, current, previous)
+
+
+def teacher_reference(c, mv, teacher: str) -> dict[str, float] | None:
+    """The metrics of the ``teacher`` version the candidate was distilled from (found in its lineage
+    by checkpoint md5); if none of its ancestors is a registered ``teacher`` version, the champion's."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        ancestors = {e.get("md5") for e in lineage(c, f"models:/{mv.name}/{mv.version}")["chain"]}
+        for tv in c.search_model_versions(f"name='{teacher}'"):
+            if tv.tags.get("dvc.md5") in ancestors:
+                return metrics_of(tv)
+        return metrics_of(c.get_model_version_by_alias(teacher, CHAMPION))
+    except MlflowException:
+        return None
 
 
 def _alias_version(c, name: str, alias: str) -> str | None:
@@ -144,15 +152,15 @@ def lineage(c, uri: str) -> dict[str, Any]:
             "stage": t.get("stage"), "dvc_path": t.get("dvc.out"), "md5": md5,
             "params_hash": t.get("params.hash"), "git_sha": t.get("git.sha"),
             "mlflow_run_id": r.info.run_id, "prefect_flow_run_id": t.get("prefect.flow_run_id"),
-            "parent": {"stage": t.get("parent.stage"), "md5": t.get("parent.md5")} if t.get("parent.md5") else None,
-            "data": {"stage": t.get("data.stage"), "md5": t.get("data.md5")} if t.get("data.md5") else None,
+            **{role: {"stage": t.get(f"{role}.stage"), "md5": t.get(f"{role}.md5")} if t.get(f"{role}.md5") else None
+               for role in ("parent", "teacher", "data")},
             "metrics": {k: v for k, v in r.data.metrics.items() if not k.startswith("train/")},
         })
         if t.get("batch.md5"):  # a data version made by adding a batch to the previous one
             chain[-1]["kind"] = "ingest"
             chain[-1]["batch"] = {"name": t.get("batch.name"), "md5": t["batch.md5"], "source": t.get("batch.source")}
             chain[-1]["previous"] = {"stage": t.get("previous.stage"), "md5": t.get("previous.md5")}
-        for role in ("parent", "data", "evaluates", "previous"):
+        for role in ("parent", "teacher", "data", "evaluates", "previous"):
             pmd5 = t.get(f"{role}.md5")
             if pmd5 and pmd5 not in seen:
                 pr = _run_by_md5(c, exp_ids, pmd5)

@@ -53,7 +53,7 @@ def input_lineage(ws: Workspace, stage: str) -> dict[str, dict[str, str] | None]
     evaluated model; every one is verified against its bytes before use."""
     sd = ws.stage(stage)
     out: dict[str, dict[str, str] | None] = {}
-    for role, src in (("parent", sd.parent), ("data", sd.data), ("evaluates", sd.evaluates)):
+    for role, src in (("parent", sd.parent), ("teacher", sd.teacher), ("data", sd.data), ("evaluates", sd.evaluates)):
         if not src:
             out[role] = None
             continue
@@ -98,7 +98,8 @@ def execute(stage: str, cwd: Path | None = None) -> dict[str, Any]:
         out_dir = ws.out_path(stage)
         manifest: dict[str, Any] = {
             "stage": stage, "profile": ws.profile, "module": sd.module,
-            "parent": lineage["parent"], "data": lineage["data"], "evaluates": lineage["evaluates"],
+            "parent": lineage["parent"], "teacher": lineage["teacher"], "data": lineage["data"],
+            "evaluates": lineage["evaluates"],
             "params": params, "params_hash": phash, "git_sha": tags["git.sha"],
             "mlflow_run_id": run_id, "prefect_flow_run_id": flow_run,
         }
@@ -154,14 +155,15 @@ def _run_train(ws, sd, params, lineage, pipeline, c, run_id, manifest, out_dir, 
     from tasks.ray_runner import ensure_ray, run_train_stage
 
     ensure_ray(ws.project, pipeline.ray_num_cpus)
-    inputs = "-".join((lineage[r] or {}).get("md5", "none")[:8] for r in ("parent", "data"))
+    inputs = "-".join((lineage[r] or {}).get("md5", "none")[:8] for r in ("parent", "teacher", "data"))
     run_name = f"{ws.profile}-{sd.name}-{phash[:8]}-{inputs}"
     with tempfile.TemporaryDirectory(prefix=f"{sd.name}-", dir=ws.state) as work:
         res = run_train_stage(
             stage=sd.name, module=sd.module, params=params,
             data_dir=ws.out_path(sd.data) if sd.data else None,
             parent_dir=ws.out_path(sd.parent) if sd.parent else None,
-            compute=pipeline.compute_for(sd.name), run_name=run_name, state=ws.state, workdir=Path(work))
+            compute=pipeline.compute_for(sd.name), run_name=run_name, state=ws.state, workdir=Path(work),
+            extra={"teacher": ws.out_path(sd.teacher)} if sd.teacher else None)
         tracking.log_history(c, run_id, res.history)
         manifest.update({"metrics": res.metrics, "ray_run": res.ray_run, "history": res.history})
         exp = checkpoints.load_checkpoint(res.export_dir)
@@ -181,7 +183,8 @@ def _run_inline(ws, sd, params_model, lineage, out_dir: Path, manifest: dict[str
     module = importlib.import_module(sd.module)
     ctx = StageContext(params=params_model, data_dir=ws.out_path(sd.data) if sd.data else None,
                        parent_dir=ws.out_path(sd.parent) if sd.parent else None,
-                       extra={"evaluates": ws.out_path(sd.evaluates)} if sd.evaluates else {})
+                       extra={role: ws.out_path(src) for role, src in (("evaluates", sd.evaluates),
+                                                                         ("teacher", sd.teacher)) if src})
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:

@@ -36,6 +36,7 @@ from diffusers.models.normalization import AdaLayerNormContinuous
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
+SCALE_EMBEDDINGS = ["text_scale", "image_scale"]  # CFG distillation's two extra embeddings
 TIME_SCALE = 1000.0  # t in [0, 1] and CFG scales are embedded like diffusion timesteps
 FREQ_DIM = 256
 
@@ -72,6 +73,10 @@ class GenCondition:
 
     def without_image(self) -> "GenCondition":
         return replace(self, source=None, has_source=None)
+
+    def with_scales(self, text_scale: float | torch.Tensor, image_scale: float | torch.Tensor) -> "GenCondition":
+        """The CFG scales a CFG-distilled model reads through its scale embeddings."""
+        return replace(self, extra={**self.extra, "text_scale": text_scale, "image_scale": image_scale})
 
 
 class Block(nn.Module):
