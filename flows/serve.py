@@ -80,36 +80,6 @@ def deployments(profile: str, cron: str | None = None, watch: str | None = None,
     return out
 
 
-def schedule_upcoming(names: list[str], n: int = 3) -> int:
-    """Make sure the next ``n`` runs of each scheduled deployment exist as Scheduled flow runs.
-
-    Workaround: with the pinned SQLAlchemy 2.1, the scheduler service of Prefect 3.8's server
-    fails on its bulk insert ("Can't evaluate bulk DML statement"), so no scheduled run is ever
-    created. The runs are created here through the API instead, with the server scheduler's
-    own dates and idempotency keys (``scheduled <deployment> <schedule> <date>``): where the
-    server's scheduler works, nothing is created twice. Returns the number of upcoming runs."""
-    from pydantic import TypeAdapter
-    from prefect import get_client
-    from prefect.server.schemas.schedules import SCHEDULE_TYPES
-    from prefect.states import Scheduled
-
-    adapter = TypeAdapter(SCHEDULE_TYPES)
-    upcoming = 0
-    with get_client(sync_client=True) as client:
-        for name in names:
-            dep = client.read_deployment_by_name(name)
-            for ds in dep.schedules or []:
-                if not ds.active:
-                    continue
-                schedule = adapter.validate_python(ds.schedule.model_dump())
-                for date in schedule._get_dates_generator(n=n, start=datetime.now(tz.utc), end=None):
-                    client.create_flow_run_from_deployment(
-                        dep.id, state=Scheduled(scheduled_time=date, message="Flow run scheduled"),
-                        idempotency_key=f"scheduled {dep.id} {ds.id} {date}", tags=["auto-scheduled", *dep.tags])
-                    upcoming += 1
-    return upcoming
-
-
 def clear_scheduled(names: list[str]) -> int:
     """Delete the not-yet-started scheduled runs of these deployments (left by a previous
     ``serve`` whose schedule may differ), so a restart does not run a backlog of late runs."""
@@ -138,36 +108,9 @@ def clear_scheduled(names: list[str]) -> int:
     return removed
 
 
-def serve_all(items: list, top_up_every_s: float = 60.0) -> None:
-    """Serve the deployments (blocking); keep their next scheduled runs created meanwhile."""
-    import threading
-
+def serve_all(items: list) -> None:
+    """Serve the deployments (blocking). The server's scheduler creates their scheduled runs."""
     from prefect import serve
 
-    names = [f"{d.flow_name}/{d.name}" for d in items if d.schedules]
-    clear_scheduled(names)
-    for d in items:
-        d.apply()
-    stop = threading.Event()
-
-    def top_up() -> None:
-        log = get_logger()
-        while not stop.is_set():
-            try:
-                schedule_upcoming(names)
-            except Exception as e:  # noqa: BLE001 - the server may be restarting; try again later
-                log.warning("could not create the upcoming scheduled runs: %s", e)
-            stop.wait(top_up_every_s)
-
-    thread = threading.Thread(target=top_up, name="schedule-top-up", daemon=True)
-    thread.start()
-    try:
-        serve(*items, print_starting_message=True)
-    finally:
-        stop.set()
-
-
-def get_logger():
-    import logging
-
-    return logging.getLogger("hyperbagel.serve")
+    clear_scheduled([f"{d.flow_name}/{d.name}" for d in items if d.schedules])
+    serve(*items, print_starting_message=True)
