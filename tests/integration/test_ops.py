@@ -1,6 +1,9 @@
 """Operations on the real stack (issue 6): S3 everywhere (moto in server mode on 127.0.0.1),
 retraining on a batch that lands in an S3 prefix, the lineage audit, and the Prefect
-deployments with their schedules on a real `prefect server start`."""
+deployments with their schedules on a real `prefect server start`.
+
+`hyperbagel serve` runs as a subprocess against that server, as an operator starts it; the
+retraining test only uploads batches and waits for what the served deployments do."""
 
 from __future__ import annotations
 
@@ -25,6 +28,7 @@ WATCH = f"s3://{BUCKET}/incoming"
 PROFILE = "smoke"
 MODEL = "tiny-model-smoke"  # the smoke profile registers NAME-PROFILE
 SECRET = "hb-secret-7f3c9e1d"  # a credential that must never be recorded anywhere
+POLL_S = 10  # the retrain deployment polls the watch this often (pipeline.retrain.poll_interval_s)
 
 
 def _s3():
@@ -73,8 +77,8 @@ def ops(tmp_path_factory, moto_s3, prefect_server, ray_runtime):
     proj.mkdir()
     (proj / "dvc.yaml").write_text(TINY_DVC.format(spine=REPO / "tests" / "spine", repo=REPO))
     params = yaml.safe_load(TINY_PARAMS)
-    params["pipeline"]["schedule"] = {"cron": "0 3 * * *"}
-    params["pipeline"]["retrain"] = {"watch": WATCH, "poll_interval_s": 60}
+    params["pipeline"]["schedule"] = {"cron": "0 3 * * *", "timezone": "UTC"}
+    params["pipeline"]["retrain"] = {"watch": WATCH, "poll_interval_s": POLL_S}
     # 20 smoke steps reach a score of about 0.1: a floor the first candidate passes, so a champion exists
     params["profiles"]["smoke"]["pipeline"] = {"promotion": {"tiny-model": {"rules": [{"metric": "score", "min": 0.02}]}}}
     (proj / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
@@ -99,64 +103,219 @@ def ops(tmp_path_factory, moto_s3, prefect_server, ray_runtime):
         yield {"proj": proj, "first": first, "endpoint": moto_s3}
 
 
-def test_retraining_on_an_s3_batch(ops, tmp_path):
-    from flows.retrain import retrain
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGINT)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+class Served:
+    """`hyperbagel serve` running in a subprocess, and the Prefect server's API it registered with."""
+
+    def __init__(self, api: str, proc: subprocess.Popen, log: Path):
+        self.api, self.proc, self.log = api, proc, log
+
+    def get(self, path: str):
+        import httpx
+
+        r = httpx.get(f"{self.api}{path}", timeout=10)
+        r.raise_for_status()
+        return r.json()
+
+    def post(self, path: str, body: dict):
+        import httpx
+
+        r = httpx.post(f"{self.api}{path}", json=body, timeout=10)
+        r.raise_for_status()
+        return r.json()
+
+    def deployment(self, name: str) -> dict | None:
+        return next((d for d in self.post("/deployments/filter", {}) if d["name"] == name), None)
+
+    def runs(self, deployment: dict, *states: str) -> list[dict]:
+        return self.post("/flow_runs/filter", {"deployments": {"id": {"any_": [deployment["id"]]}},
+                                               "flow_runs": {"state": {"type": {"any_": list(states)}}}})
+
+    def logs(self, needle: str) -> list[dict]:
+        """Flow-run log records (WARNING and above) that contain ``needle``."""
+        return [g for g in self.post("/logs/filter", {"logs": {"level": {"ge_": 30}}, "limit": 200})
+                if needle in g["message"]]
+
+    def wait_for(self, what: str, check, limit_s: float = 240):
+        """Poll ``check`` until it returns something truthy; a bound, so a failure names what never came."""
+        deadline = time.time() + limit_s
+        while True:
+            got = check()
+            if got:
+                return got
+            assert self.proc.poll() is None, f"serve exited\n{self.log.read_text()[-3000:]}"
+            assert time.time() < deadline, f"{what}: not within {limit_s:.0f} s\n{self.log.read_text()[-3000:]}"
+            time.sleep(2)
+
+    def stop(self) -> None:
+        _stop(self.proc)
+
+
+@pytest.fixture(scope="module")
+def prefect_api(tmp_path_factory):
+    """A real Prefect server (`prefect server start` on SQLite): its scheduler service creates the
+    scheduled runs (the test harness's server cannot schedule). Yields its API URL and home."""
+    import httpx
+
+    home = tmp_path_factory.mktemp("prefect-server")
+    api = f"http://127.0.0.1:{_free_port()}/api"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    env.update(PREFECT_HOME=str(home), PREFECT_API_URL=api, PREFECT_SERVER_ANALYTICS_ENABLED="false",
+               PREFECT_LOGGING_LEVEL="WARNING")
+    env.pop("PREFECT_SERVER_ALLOW_EPHEMERAL_MODE", None)
+    log = home / "server.log"
+    port = api.rsplit(":", 1)[1].split("/")[0]
+    server = subprocess.Popen([str(Path(sys.executable).with_name("prefect")), "server", "start", "--host",
+                               "127.0.0.1", "--port", port], env=env, stdout=log.open("w"),
+                              stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        t0 = time.time()
+        while True:
+            try:
+                if httpx.get(f"{api}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert server.poll() is None, log.read_text()[-3000:]
+            assert time.time() - t0 < 180, "prefect server did not start"
+            time.sleep(1)
+        print(f"prefect server up in {time.time() - t0:.1f} s")
+        yield {"api": api, "home": home}
+    finally:
+        _stop(server)
+
+
+@pytest.fixture(scope="module")
+def served(ops, prefect_api, ray_runtime, tmp_path_factory):
+    """`hyperbagel serve --profile smoke` in the S3 project, as an operator starts it: the pipeline on
+    params.yaml's cron, the retrain deployment polling the S3 watch every POLL_S seconds. Its flow
+    runs join the session's Ray runtime."""
+    log = tmp_path_factory.mktemp("serve") / "serve.log"
+    env = {**os.environ, "PREFECT_API_URL": prefect_api["api"], "RAY_ADDRESS": ray_runtime,
+           "PREFECT_RUNNER_POLL_FREQUENCY": "2", "PREFECT_LOGGING_LEVEL": "INFO"}
+    proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "serve", "--profile", PROFILE], cwd=ops["proj"],
+                            env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+    srv = Served(prefect_api["api"], proc, log)
+    yield srv
+    srv.stop()
+
+
+def test_serve_registers_scheduled_deployments_on_a_prefect_server(served):
+    """The deployments exist with their schedules; the server's scheduler (not `serve`) creates the
+    scheduled runs, and the served process runs what comes due."""
+    t0 = time.time()
+    pipeline_dep = served.wait_for("the pipeline deployment", lambda: served.deployment(f"pipeline-{PROFILE}"))
+    runs = served.wait_for("scheduled runs of the pipeline deployment",
+                           lambda: served.runs(pipeline_dep, "SCHEDULED"))
+    print(f"deployments and scheduled runs after {time.time() - t0:.1f} s")
+    assert {d["name"] for d in served.post("/deployments/filter", {})} >= {
+        f"pipeline-{PROFILE}", f"retrain-{PROFILE}", f"promote-{PROFILE}"}
+    assert [s["schedule"]["cron"] for s in pipeline_dep["schedules"]] == ["0 3 * * *"]
+    assert pipeline_dep["schedules"][0]["schedule"]["timezone"] == "UTC"
+    assert pipeline_dep["parameters"] == {"profile": PROFILE}
+    assert all(r["auto_scheduled"] for r in runs), runs  # created by the server's scheduler service
+    assert all("T03:00:00" in r["expected_start_time"] for r in runs), runs
+    retrain_dep = served.deployment(f"retrain-{PROFILE}")
+    assert retrain_dep["schedules"][0]["schedule"]["interval"] == POLL_S
+    assert retrain_dep["parameters"] == {"profile": PROFILE, "watch": WATCH}
+
+    # the served process runs what the schedule made due, with no person: the first retrain poll
+    [state, *_] = served.wait_for("a finished retrain poll", lambda: [
+        r["state_type"] for r in served.runs(retrain_dep, "COMPLETED", "FAILED", "CRASHED")])
+    print(f"first scheduled retrain poll {state} after {time.time() - t0:.1f} s")
+    assert state == "COMPLETED", served.log.read_text()[-3000:]
+
+
+def test_retraining_on_an_s3_batch(ops, served, tmp_path):
+    """Batches land in the S3 watch and the served retrain deployment takes them on its schedule:
+    after each upload the test only waits."""
+    from components.checkpoints import dir_md5
     from tasks import registry, tracking
+    from tasks.locking import workspace_lock
     from tasks.project import state_dir, workspace
 
     proj = ops["proj"]
     ws = workspace(proj, PROFILE)
     c = tracking.client(state_dir(proj))
+    exp = tracking.experiment_id(c, state_dir(proj))
     v1 = c.get_model_version_by_alias(MODEL, "champion")
     lock_before = (ws.root / "dvc.lock").read_text()
+    retrain_dep = served.wait_for("the retrain deployment", lambda: served.deployment(f"retrain-{PROFILE}"))
 
-    # a malformed batch: rejected with its reason, moved aside whole, nothing else changes
+    # a malformed batch: a served poll rejects it with its reason, moves it aside whole, changes nothing else
     bad = _make_batch(tmp_path / "bad", break_row=True)
     _upload_batch(bad, "batch-bad")
     uploaded = {k.split("/", 2)[2] for k in _keys("incoming/batch-bad/")}
     t0 = time.time()
-    res = retrain(profile=PROFILE)  # one poll, as the retrain deployment's schedule runs it
-    print(f"poll with a malformed batch: {time.time() - t0:.1f} s")
-    [b] = res["batches"]
-    assert b["status"] == "rejected" and res["pipeline"] is None
-    assert "t2i/t2i.jsonl:4: field 'image'" in b["reason"] and "missing.png" in b["reason"], b["reason"]
+    [rejected, *_] = served.wait_for("the served poll's rejection of batch-bad", lambda: served.logs(
+        "batch batch-bad rejected"))
+    print(f"malformed batch rejected by a served poll after {time.time() - t0:.1f} s")
+    assert "t2i/t2i.jsonl:4: field 'image'" in rejected["message"] and "missing.png" in rejected["message"]
+    assert served.get(f"/flow_runs/{rejected['flow_run_id']}")["deployment_id"] == retrain_dep["id"]
     assert not _keys("incoming/batch-bad/")
     kept = {k.split("/", 3)[3] for k in _keys("incoming/_rejected/batch-bad/")}
     assert kept == uploaded | {"REJECTED.txt"}  # every object kept, the reason beside them
     reason = _s3().get_object(Bucket=BUCKET, Key="incoming/_rejected/batch-bad/REJECTED.txt")["Body"].read().decode()
-    assert "field 'image'" in reason
+    assert "t2i/t2i.jsonl:4: field 'image'" in reason
     assert (ws.root / "dvc.lock").read_text() == lock_before
     assert c.get_model_version_by_alias(MODEL, "champion").version == v1.version
     assert len(c.search_model_versions(f"name='{MODEL}'")) == 1
 
-    # a valid batch: versioned with DVC, only the stages that read the data rerun, gated
+    # a valid batch while another run holds the workspace: the served poll stops with a clear
+    # message and takes nothing; once the workspace is free, the next poll retrains on it
     good = _make_batch(tmp_path / "good")
-    from components.checkpoints import dir_md5
     batch_md5 = dir_md5(good)
-    _upload_batch(good, "batch-001")
-    # while another run holds the workspace, a poll stops with a clear message and takes nothing
-    from tasks.locking import WorkspaceBusy, workspace_lock
     with workspace_lock(ws):
-        with pytest.raises(WorkspaceBusy, match="already running"):
-            retrain(profile=PROFILE)
-    assert "incoming/batch-001/_READY" in _keys("incoming/batch-001/")
-    assert (ws.root / "dvc.lock").read_text() == lock_before
+        _upload_batch(good, "batch-001")
+        served.wait_for("a served poll stopped by the busy workspace", lambda: [
+            r for r in served.runs(retrain_dep, "FAILED") if "already running" in (r["state"]["message"] or "")])
+        assert "incoming/batch-001/_READY" in _keys("incoming/batch-001/")
+        assert (ws.root / "dvc.lock").read_text() == lock_before
     t0 = time.time()
-    res = retrain(profile=PROFILE)
-    print(f"poll with a valid batch (ingest + retrain): {time.time() - t0:.1f} s")
-    [b] = res["batches"]
-    assert b["status"] == "accepted" and b["md5"] == batch_md5
-    assert _executed(res["pipeline"]) == {"tiny_train", "tiny_eval"}  # tiny_data is not regenerated
+    [ingest_run] = served.wait_for("batch-001 ingested by a served poll", lambda: c.search_runs(
+        [exp], filter_string="tags.`batch.name` = 'batch-001' and attributes.status = 'FINISHED'"))
+    retrain_run = ingest_run.data.tags["prefect.flow_run_id"]
+    done = served.wait_for("the retraining run to finish", lambda: (
+        lambda r: r if r["state_type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED") else None)(
+        served.get(f"/flow_runs/{retrain_run}")), limit_s=900)
+    print(f"served retraining on batch-001 finished after {time.time() - t0:.1f} s")
+    assert done["state_type"] == "COMPLETED", served.log.read_text()[-3000:]
+    assert done["deployment_id"] == retrain_dep["id"]  # started by the schedule, no person
+    served.stop()  # the later tests read a settled project
+
+    # versioned with DVC: the data stage's out is the ingest, only the stages reading it reran
+    assert ingest_run.data.tags["batch.md5"] == batch_md5
+    data_md5 = ingest_run.data.tags["dvc.md5"]
     lock = yaml.safe_load((ws.root / "dvc.lock").read_text())
-    data_md5 = lock["stages"]["tiny_data"]["outs"][0]["md5"]
-    assert data_md5 == b["data_md5"] != ops["first"]["stages"]["tiny_data"]["md5"]
+    assert lock["stages"]["tiny_data"]["outs"][0]["md5"] == data_md5 != ops["first"]["stages"]["tiny_data"]["md5"]
     assert any(d["md5"] == data_md5 for d in lock["stages"]["tiny_train"]["deps"])
     assert _keys("incoming/_accepted/batch-001/") and not _keys("incoming/batch-001/")
+    train_manifest = json.loads((ws.root / "data/tiny_train/manifest.json").read_text())
+    pipeline_run = served.get(f"/flow_runs/{train_manifest['prefect_flow_run_id']}")
+    assert served.get(f"/task_runs/{pipeline_run['parent_task_run_id']}")["flow_run_id"] == retrain_run
+    [parent] = c.search_runs([exp], filter_string=f"tags.kind = 'pipeline' and "
+                                                  f"tags.`prefect.flow_run_id` = '{pipeline_run['id']}'")
+    stages = c.search_runs([exp], filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    assert {r.data.tags["stage"] for r in stages} == {"tiny_train", "tiny_eval"}  # tiny_data not regenerated
 
     # manifests: the data lists the batch, the candidate names that data
     data_manifest = json.loads((ws.root / "data/tiny_data/manifest.json").read_text())
     assert [x["md5"] for x in data_manifest["batches"]] == [batch_md5]
-    train_manifest = json.loads((ws.root / "data/tiny_train/manifest.json").read_text())
     assert train_manifest["data"]["md5"] == data_md5
 
     # the registry: a new version, champion only if its gate passed
@@ -178,6 +337,7 @@ def test_retraining_on_an_s3_batch(ops, tmp_path):
                          cwd=proj, capture_output=True, text=True, env={**os.environ, "COLUMNS": "400"})
     assert cli.returncode == 0 and "+ batch batch-001" in cli.stdout and batch_md5 in cli.stdout, cli.stdout
     # MLflow dataset inputs: on the ingest run and on the training run
+    assert [d.dataset.digest for d in ingest_run.inputs.dataset_inputs] == [batch_md5[:36]]
     train_run = c.get_run(v2.run_id)
     digests = [d.dataset.digest for d in train_run.inputs.dataset_inputs]
     assert batch_md5[:36] in digests
@@ -226,7 +386,12 @@ def test_audit_passes_then_names_a_flipped_remote_object(ops):
 
 
 def test_s3_objects_under_their_prefixes(ops):
-    keys = _keys()
+    """`aws s3 ls --recursive` against the endpoint shows the DVC, MLflow and Ray objects."""
+    ls = subprocess.run([str(Path(sys.executable).with_name("aws")), "s3", "ls", "--recursive", f"s3://{BUCKET}",
+                         "--endpoint-url", ops["endpoint"]], capture_output=True, text=True, env=os.environ)
+    assert ls.returncode == 0, ls.stderr[-2000:]
+    keys = [line.split(maxsplit=3)[3] for line in ls.stdout.splitlines() if line.strip()]
+    assert sorted(keys) == sorted(_keys())  # the CLI sees what the clients wrote
     by_prefix = {}
     for k in keys:
         by_prefix.setdefault(k.split("/", 1)[0], []).append(k)
@@ -238,13 +403,14 @@ def test_s3_objects_under_their_prefixes(ops):
     assert set(by_prefix) <= {"dvc", "mlflow", "ray", "incoming"}
 
 
-def test_credentials_are_never_recorded(ops):
-    """The secret key reaches clients only: not the MLflow store, manifests, DVC config or S3 objects."""
+def test_credentials_are_never_recorded(ops, prefect_api, served):
+    """The secret key reaches clients only: not the MLflow store, manifests, DVC config, S3 objects,
+    the Prefect server's database or the served runs' logs."""
     proj = ops["proj"]
     needle = SECRET.encode()
-    local = [p for p in (proj / ".state").rglob("*") if p.is_file() and "dvc-cache" not in p.parts
-             and p.stat().st_size < 50_000_000]
-    assert local
+    local = [p for root in (proj / ".state", prefect_api["home"], served.log.parent) for p in root.rglob("*")
+             if p.is_file() and "dvc-cache" not in p.parts and p.stat().st_size < 50_000_000]
+    assert any(p.suffix == ".db" for p in prefect_api["home"].rglob("*"))
     leaks = [str(p) for p in local if needle in p.read_bytes()]
     s3c = _s3()
     leaks += [k for k in _keys() if needle in s3c.get_object(Bucket=BUCKET, Key=k)["Body"].read()]
@@ -271,95 +437,3 @@ def test_a_local_watch_takes_only_complete_batches_and_keeps_everything(tmp_path
                   for p in (root / "_rejected" / "b2").rglob("*") if p.is_file())
     assert kept == sorted([*files, batches.REASON])
     assert "field 'prompt'" in (root / "_rejected" / "b2" / batches.REASON).read_text()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGINT)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-
-
-def test_serve_registers_scheduled_deployments_on_a_prefect_server(tiny_project, tmp_path):
-    import httpx
-
-    port = _free_port()
-    api = f"http://127.0.0.1:{port}/api"
-    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-server"), "PREFECT_API_URL": api,
-           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_LOGGING_LEVEL": "WARNING"}
-    env.pop("PREFECT_SERVER_ALLOW_EPHEMERAL_MODE", None)
-    log = open(tmp_path / "server.log", "w")
-    t0 = time.time()
-    server = subprocess.Popen([str(Path(sys.executable).with_name("prefect")), "server", "start", "--host",
-                               "127.0.0.1", "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT,
-                              start_new_session=True)
-    serve = None
-    try:
-        while True:
-            try:
-                if httpx.get(f"{api}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert server.poll() is None, (tmp_path / "server.log").read_text()[-3000:]
-            assert time.time() - t0 < 180, "prefect server did not start"
-            time.sleep(1)
-        print(f"prefect server up in {time.time() - t0:.1f} s")
-        serve_log = open(tmp_path / "serve.log", "w")
-        serve = subprocess.Popen([sys.executable, "-m", "flows.cli", "serve", "--profile", PROFILE,
-                                  "--cron", "0 3 * * *", "--timezone", "UTC",
-                                  "--watch", str(tmp_path / "incoming"), "--poll-interval", "3600"],
-                                 cwd=tiny_project, env=env, stdout=serve_log, stderr=subprocess.STDOUT,
-                                 start_new_session=True)
-        deadline = time.time() + 180
-        deployment, runs = None, []
-        while time.time() < deadline:
-            assert serve.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
-            found = httpx.post(f"{api}/deployments/filter", json={}, timeout=10).json()
-            deployment = next((d for d in found if d["name"] == f"pipeline-{PROFILE}"), None)
-            if deployment:
-                runs = httpx.post(f"{api}/flow_runs/filter", timeout=10, json={
-                    "deployments": {"id": {"any_": [deployment["id"]]}},
-                    "flow_runs": {"state": {"type": {"any_": ["SCHEDULED"]}}}}).json()
-                if runs:
-                    break
-            time.sleep(2)
-        print(f"deployments and scheduled runs after {time.time() - t0:.1f} s")
-        assert deployment, (tmp_path / "serve.log").read_text()[-3000:]
-        names = {d["name"] for d in found}
-        assert {f"pipeline-{PROFILE}", f"retrain-{PROFILE}", f"promote-{PROFILE}"} <= names
-        schedules = deployment["schedules"]
-        assert [s["schedule"]["cron"] for s in schedules] == ["0 3 * * *"]
-        assert schedules[0]["schedule"]["timezone"] == "UTC"
-        assert deployment["parameters"] == {"profile": PROFILE}
-        assert runs, "no scheduled flow run was created"
-        start = runs[0]["expected_start_time"]
-        assert "T03:00:00" in start, start
-        retrain_dep = next(d for d in found if d["name"] == f"retrain-{PROFILE}")
-        assert retrain_dep["schedules"][0]["schedule"]["interval"] == 3600.0
-
-        # the served process runs what the schedule made due, with no person: the first retrain poll
-        state = None
-        while time.time() < deadline + 60:
-            polls = httpx.post(f"{api}/flow_runs/filter", timeout=10, json={
-                "deployments": {"id": {"any_": [retrain_dep["id"]]}},
-                "flow_runs": {"state": {"type": {"any_": ["COMPLETED", "FAILED", "CRASHED"]}}}}).json()
-            if polls:
-                state = polls[0]["state_type"]
-                break
-            time.sleep(3)
-        print(f"first scheduled retrain poll {state} after {time.time() - t0:.1f} s")
-        assert state == "COMPLETED", (tmp_path / "serve.log").read_text()[-3000:]
-    finally:
-        if serve is not None:
-            _stop(serve)
-        _stop(server)
