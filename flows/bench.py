@@ -163,10 +163,104 @@ def base_section(profile: str) -> dict[str, Any]:
     }
 
 
+def _geneval_row(results: dict[str, Any], key: str, steps: float | None) -> dict[str, Any]:
+    g = results[key]
+    return {"overall": g["overall"], "tasks": g["tags"], "steps": steps}
+
+
+def _gedit_row(results: dict[str, Any]) -> dict[str, Any]:
+    return {lang: {k: results["gedit"][lang][k] for k in ("SC", "PQ", "O")} for lang in results.get("gedit", {})}
+
+
+def distill6_section(profile: str) -> dict[str, Any]:
+    """The 6-NFE path (issue 4): Table 2 and Table 3 from the evaluation stages' results, the NFE
+    counted, and the wall-clock speedup of the 6-NFE model against the teacher, both timed here,
+    in this process, alternately (batch 1 and 16)."""
+    import shutil
+
+    from components.base_eval import sampling_speed
+    from components.inference import Teacher
+    from tasks.project import find_project, workspace
+
+    ws = workspace(find_project(), profile)
+    ev = {name: read_json(ws.out_path(name) / "results.json")
+          for name in ("base_eval", "cfg_distill_eval", "tscd_eval", "dmdo_eval")}
+    params = ws.resolved_params()
+
+    def steps(name: str) -> float | None:
+        return ev[name]["metrics"].get("num_steps")
+
+    def extra(name: str) -> tuple[str, float] | tuple[None, None]:
+        n = (params.get(name) or {}).get("extra_steps") or []
+        return (f"geneval_s{n[0]}", float(n[0])) if n and f"geneval_s{n[0]}" in ev[name] else (None, None)
+
+    geneval = {"teacher": _geneval_row(ev["base_eval"], "geneval", steps("base_eval"))}
+    key, n = extra("base_eval")
+    if key:
+        geneval["teacher_6step"] = _geneval_row(ev["base_eval"], key, n)
+    geneval["cfg_distill_50"] = _geneval_row(ev["cfg_distill_eval"], "geneval", steps("cfg_distill_eval"))
+    key, n = extra("cfg_distill_eval")
+    if key:
+        geneval["cfg_distill_6"] = _geneval_row(ev["cfg_distill_eval"], key, n)
+    geneval["tscd"] = _geneval_row(ev["tscd_eval"], "geneval", steps("tscd_eval"))
+    geneval["dmdo"] = _geneval_row(ev["dmdo_eval"], "geneval", steps("dmdo_eval"))
+    gedit = {"teacher": _gedit_row(ev["base_eval"]), "dmdo": _gedit_row(ev["dmdo_eval"])}
+    for row in ("cfg_distill", "tscd"):
+        gedit[row] = _gedit_row(ev[f"{row}_eval"])
+
+    teacher, six = Teacher.load(ws.out_path("base")), Teacher.load(ws.out_path("dmdo"))
+    batch = int((params.get("dmdo_eval") or {}).get("batch", 16))
+    timing = {"teacher": {}, "dmdo": {}}
+    for _ in range(2):  # alternate, so both see the same machine state; keep the best of each
+        for name, model in (("teacher", teacher), ("dmdo", six)):
+            for k, v in sampling_speed(model, batch, repeats=1).items():
+                timing[name][k] = min(v, timing[name].get(k, v)) if k.endswith("_s") else v
+    speedup = {}
+    for task in ("t2i", "edit"):
+        for b in (1, batch):
+            k = f"{task}_b{b}_s"
+            if k in timing["teacher"] and k in timing["dmdo"]:
+                speedup[f"{task}_b{b}"] = round(timing["teacher"][k] / timing["dmdo"][k], 2)
+    reports = find_project() / "reports" / "distill6"
+    reports.mkdir(parents=True, exist_ok=True)
+    images = []
+    for stage in ("cfg_distill", "tscd", "dmdo"):
+        for png in sorted((ws.out_path(stage) / "samples").glob("*.png")):
+            shutil.copyfile(png, reports / f"{stage}_{png.name}")
+            images.append(f"distill6/{stage}_{png.name}")
+    for png in sorted((ws.out_path("dmdo_eval") / "samples").glob("*.png")):
+        shutil.copyfile(png, reports / f"dmdo_eval_{png.name}")
+        images.append(f"distill6/dmdo_eval_{png.name}")
+    curves = {}
+    for stage, keys in (("cfg_distill", ("cfg_loss",)), ("tscd", ("d_loss", "g_loss", "mse")),
+                        ("dmdo", ("fake_loss", "dmd_loss", "fake_real_gap"))):
+        m = read_json(ws.out_path(stage) / "manifest.json")
+        _training_curve(m.get("history") or [], keys, reports / f"{stage}_curve.png")
+        images.append(f"distill6/{stage}_curve.png")
+        curves[stage] = {"train_steps": (m.get("metrics") or {}).get("step"),
+                         "stage_s": (m.get("timing") or {}).get("stage_s")}
+    dm = ev["dmdo_eval"]["metrics"]
+    t = ev["base_eval"]["metrics"]
+    return {
+        "geneval": geneval, "gedit": gedit,
+        "nfe": {"t2i": dm.get("nfe_t2i"), "edit": dm.get("nfe_edit"),
+                "teacher_t2i": t.get("nfe_t2i"), "teacher_edit": t.get("nfe_edit")},
+        "speedup": speedup, "sample_s": timing,
+        "acceptance": {
+            "geneval_drop": round(geneval["teacher"]["overall"] - geneval["dmdo"]["overall"], 4),
+            "gedit_O_drop": {lang: round(gedit["teacher"][lang]["O"] - gedit["dmdo"][lang]["O"], 4)
+                             for lang in gedit["dmdo"]},
+        },
+        "stages": curves,
+        "images": images,
+    }
+
+
 SECTIONS: dict[str, Callable[[str], dict[str, Any]]] = {
     "pipeline": pipeline_section,
     "world": world_section,
     "base": base_section,
+    "distill6": distill6_section,
 }
 
 

@@ -61,3 +61,24 @@ def test_smoke_profile_runs_every_stage_then_nothing(tmp_path, monkeypatch, pref
                           (("ask", "-m", model, "-i", str(tmp_path / "missing.png"), "-q", "x"), "no such file")]:
         r = cli(*args)
         assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)
+
+    # the 6-NFE model: gated against the teacher it was distilled from, samples with one pass per step
+    six = "models:/hyperbagel-6nfe-smoke@champion"
+    promo = [p for p in first["promotions"] if p["model"] == "hyperbagel-6nfe-smoke"]
+    assert promo and promo[0]["promoted"], first["promotions"]
+    from tasks import registry, tracking
+
+    c = tracking.client(tmp_path / "state")
+    mv = registry.resolve(c, six)
+    assert "teacher" in mv.tags["promotion.reason"], mv.tags["promotion.reason"]
+    base_mv = registry.resolve(c, model)
+    assert registry.teacher_reference(c, mv, "hyperbagel-base-smoke") == registry.metrics_of(base_mv)
+    chain = registry.lineage(c, six)["chain"]
+    assert [e["stage"] for e in chain][:2] == ["dmdo", "tscd"]
+    assert {"cfg_distill", "base", "world_data"} <= {e["stage"] for e in chain}
+    assert chain[0]["teacher"]["stage"] == "cfg_distill"
+    r = cli("generate", "-m", six, "--prompt", "a photo of a red circle", "-o", str(img))
+    assert r.returncode == 0 and "3 NFE" in r.stderr, r.stderr
+    r = cli("edit", "-m", six, "-i", str(tmp_path / "big.png"), "--instruction", "Remove the red circle.",
+            "-o", str(edited))
+    assert r.returncode == 0 and "3 NFE" in r.stderr, r.stderr
