@@ -26,9 +26,8 @@ import torch.nn.functional as F
 from pydantic import Field
 
 from components import sampling
-from components.distill import (DistillParams, copy_generator, evaluate_common, export_student, guided, load_model,
-                                lr_at, optimise, raw, sample_inputs, setup_data, step_generator, task_cfg,
-                                velocity_fn, world_batch)
+from components.distill import (DistillParams, build_state, copy_generator, evaluate_common, export_student, guided,
+                                load_model, lr_at, optimise, raw, step_generator, task_cfg, velocity_fn, world_batch)
 from components.training import Export, StageContext, TrainState
 
 
@@ -49,13 +48,7 @@ def setup(ctx: StageContext) -> TrainState:
     base = load_model(ctx.parent_dir, "teacher (base)", p.bf16)
     teacher = copy_generator(base.generator, trainable=False, scale_embeddings=False)
     student = copy_generator(base.generator, trainable=True)
-    model = ctx.wrap_module(student)
-    state = TrainState({"student": model}, {"student": torch.optim.AdamW(model.parameters(), lr=p.lr,
-                                                                           weight_decay=0.0)},
-                       setup_data(ctx, base), extra={"params": p, "rank": ctx.rank, "base": base,
-                                                     "teacher": teacher})
-    sample_inputs(ctx, state)
-    return state
+    return build_state(ctx, base, {"student": ctx.wrap_module(student)}, {"student": p.lr}, {"teacher": teacher})
 
 
 def teacher_target(teacher, x_t: torch.Tensor, t: torch.Tensor, cond, is_edit: bool, s_txt: torch.Tensor,

@@ -97,6 +97,19 @@ def setup_data(ctx: StageContext, model: Teacher) -> GenData:
     return GenData.build(world, model.autoencoder, model.text_ids, model.tokenizer.pad_id, p.bf16)
 
 
+def build_state(ctx: StageContext, model: Teacher, modules: dict[str, torch.nn.Module], lrs: dict[str, float],
+                extra: dict, betas: dict[str, tuple[float, float]] | None = None) -> TrainState:
+    """The stage's training state: an AdamW per trainable module (``lrs``), the world data encoded by
+    ``model``'s autoencoder and tokenizer, and the prompts and edits of the exported grids."""
+    optimizers = {name: torch.optim.AdamW(modules[name].parameters(), lr=lr, weight_decay=0.0,
+                                          betas=(betas or {}).get(name, (0.9, 0.999)))
+                  for name, lr in lrs.items()}
+    state = TrainState(modules, optimizers, setup_data(ctx, model),
+                       extra={"params": ctx.params, "rank": ctx.rank, "base": model, **extra})
+    sample_inputs(ctx, state)
+    return state
+
+
 def task_cfg(is_edit: bool) -> sampling.CFG:
     """BAGEL's CFG settings of the task: its interval and renorm (the scales are sampled)."""
     return sampling.EDIT_CFG if is_edit else sampling.T2I_CFG

@@ -32,9 +32,8 @@ import torch.nn.functional as F
 from pydantic import Field
 
 from components import sampling
-from components.distill import (DistillParams, copy_generator, evaluate_common, export_student, guided, load_model,
-                                lr_at, optimise, raw, sample_inputs, setup_data, step_generator, velocity_fn,
-                                world_batch)
+from components.distill import (DistillParams, build_state, copy_generator, evaluate_common, export_student, guided,
+                                load_model, lr_at, optimise, raw, step_generator, velocity_fn, world_batch)
 from components.training import Export, StageContext, TrainState
 
 WEIGHT_EPS = 1e-6
@@ -101,14 +100,8 @@ def setup(ctx: StageContext) -> TrainState:
             raise ValueError(f"dmdo needs CFG-distilled models; {what} has no scale embeddings")
     generator = ctx.wrap_module(copy_generator(gen.generator, trainable=True))
     fake = ctx.wrap_module(copy_generator(real.generator, trainable=True))
-    modules = {"generator": generator, "fake": fake}
-    optimizers = {"generator": torch.optim.AdamW(generator.parameters(), lr=p.lr, weight_decay=0.0),
-                  "fake": torch.optim.AdamW(fake.parameters(), lr=p.fake_lr, weight_decay=0.0)}
-    state = TrainState(modules, optimizers, setup_data(ctx, gen),
-                       extra={"params": p, "rank": ctx.rank, "base": gen,
-                              "real": copy_generator(real.generator, trainable=False)})
-    sample_inputs(ctx, state)
-    return state
+    return build_state(ctx, gen, {"generator": generator, "fake": fake}, {"generator": p.lr, "fake": p.fake_lr},
+                       {"real": copy_generator(real.generator, trainable=False)})
 
 
 def train_step(state: TrainState, step: int) -> dict[str, float]:

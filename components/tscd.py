@@ -37,9 +37,8 @@ import torch.nn.functional as F
 from pydantic import Field, model_validator
 
 from components import sampling
-from components.distill import (DistillParams, copy_generator, evaluate_common, export_student, guided, load_model,
-                                lr_at, optimise, raw, sample_inputs, setup_data, step_generator, velocity_fn,
-                                world_batch)
+from components.distill import (DistillParams, build_state, copy_generator, evaluate_common, export_student, guided,
+                                load_model, lr_at, optimise, raw, step_generator, velocity_fn, world_batch)
 from components.models.discriminator import MultiHeadDiscriminator
 from components.training import Export, StageContext, TrainState, ema_update
 
@@ -121,14 +120,9 @@ def setup(ctx: StageContext) -> TrainState:
     disc = ctx.wrap_module(MultiHeadDiscriminator(copy_generator(parent.generator, trainable=True), p.disc_blocks))
     modules = {"student": student, "student_ema": copy_generator(parent.generator, trainable=False),
                "discriminator": disc}
-    optimizers = {"student": torch.optim.AdamW(student.parameters(), lr=p.lr, weight_decay=0.0),
-                  "discriminator": torch.optim.AdamW(disc.parameters(), lr=p.disc_lr, betas=(0.0, 0.99),
-                                                     weight_decay=0.0)}
-    state = TrainState(modules, optimizers, setup_data(ctx, parent),
-                       extra={"params": p, "rank": ctx.rank, "base": parent,
-                              "teacher": copy_generator(parent.generator, trainable=False)})
-    sample_inputs(ctx, state)
-    return state
+    return build_state(ctx, parent, modules, {"student": p.lr, "discriminator": p.disc_lr},
+                       {"teacher": copy_generator(parent.generator, trainable=False)},
+                       betas={"discriminator": (0.0, 0.99)})
 
 
 def train_step(state: TrainState, step: int) -> dict[str, float]:
