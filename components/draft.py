@@ -14,26 +14,31 @@ with ``lambda = 0.1``. ``variant`` switches the Table 1 ablation: ``ours``, ``ea
 (FC over 3 levels, one fresh draft layer, KL only), ``no_zero_init``, ``no_ce``,
 ``no_zero_init_no_ce``. ``evaluate`` decodes held-out Q&A and caption prompts at batch 1
 (``components/speculative.py``): identical fraction, τ, n-α (n = 1..chain), tokens/s and
-speedup.
+speedup. The held-out prompts (:func:`heldout_rows`) are the world's held-out rows topped up
+with fresh scenes of the world's generator, as many as ``eval_prompts``; the benchmark's
+ablation (``components/draft_ablation.py``) decodes the first ``ablation_prompts`` of them.
 """
 
 from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass
 from typing import Literal
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from pydantic import Field
 from transformers import DynamicCache
 
 from components import speculative
-from components.base_data import load_world
+from components.base_data import CAPTION_PROMPT, Rows, WorldSets, load_world
 from components.inference import Teacher
 from components.models.draft import Draft, DraftConfig, additive_mask, target_states
 from components.models.understanding import Understanding
 from components.training import Export, StageContext, TrainParams, TrainState
+from components.world.heldout import fresh_prompts, image_key
 
 FORMAT = "hyperbagel-draft/1"
 Variant = Literal["ours", "eagle3", "no_zero_init", "no_ce", "no_zero_init_no_ce"]
@@ -63,7 +68,12 @@ class Params(TrainParams):
     max_new_tokens: int = Field(64, ge=1, description="longest regenerated / evaluated answer")
 
     chain: int = Field(10, ge=1, description="draft tokens per round (chain decoding)")
-    eval_prompts: int = Field(100, ge=0, description="held-out prompts decoded by evaluate (batch 1)")
+    eval_prompts: int = Field(500, ge=0, description="held-out prompts decoded by evaluate (batch 1): the world's "
+                                                     "held-out Q&A and captions, then fresh scenes")
+    ablation_steps: int = Field(300, ge=1, description="training steps of every Table 1 variant in the benchmark's "
+                                                       "ablation (components/draft_ablation.py; not the stage's)")
+    ablation_prompts: int = Field(100, ge=1, description="held-out prompts each ablation variant is decoded on "
+                                                         "(the first of evaluate's)")
 
     def ce_lambda(self) -> float:
         return 0.0 if self.variant in ("eagle3", "no_ce", "no_zero_init_no_ce") else self.ce_weight
@@ -93,7 +103,20 @@ def regenerate(target: Understanding, images: torch.Tensor, prompts: list[list[i
     return out
 
 
-def setup(ctx: StageContext) -> TrainState:
+@dataclass
+class Inputs:
+    """What every draft trained on one base checkpoint and one world shares: the target and the
+    training sequences with its regenerated answers (the ablation trains 5 drafts on one copy)."""
+
+    teacher: Teacher
+    target: Understanding
+    world: WorldSets
+    images: torch.Tensor                        # (N, 3, H, W) uint8
+    seqs: list[tuple[list[int], list[int]]]     # (prompt ids ending in sep, answer ids ending in eos)
+    regen_s: float
+
+
+def load_inputs(ctx: StageContext) -> Inputs:
     p: Params = ctx.params
     if ctx.parent_dir is None:
         raise ValueError("the draft stage starts from the base checkpoint; no parent directory was given")
@@ -113,13 +136,44 @@ def setup(ctx: StageContext) -> TrainState:
     keep = [i for i, a in enumerate(answers) if len(a) >= 2]  # an empty answer leaves nothing to draft
     if not keep:
         raise ValueError("the target answered every training prompt with eos alone: nothing to draft")
-    draft = Draft.from_target(target, p.draft_config(target))
+    return Inputs(teacher, target, world, rows.images[keep], [(prompts[i], answers[i]) for i in keep], regen_s)
+
+
+def build_state(ctx: StageContext, inputs: Inputs) -> TrainState:
+    """A fresh draft of ``ctx.params.variant`` for ``inputs.target`` and its optimiser."""
+    p: Params = ctx.params
+    draft = Draft.from_target(inputs.target, p.draft_config(inputs.target))
     model = ctx.wrap_module(draft)
     opt = torch.optim.AdamW(draft.trainable(), lr=p.lr, betas=p.betas, weight_decay=p.weight_decay)
-    data = {"images": rows.images[keep], "seqs": [(prompts[i], answers[i]) for i in keep],
-            "heldout": world.und_heldout, "regen_s": regen_s}
+    data = {"images": inputs.images, "seqs": inputs.seqs, "world": inputs.world, "regen_s": inputs.regen_s}
     return TrainState({"draft": model}, {"draft": opt}, data,
-                      extra={"params": p, "rank": ctx.rank, "teacher": teacher, "target": target})
+                      extra={"params": p, "rank": ctx.rank, "teacher": inputs.teacher, "target": inputs.target})
+
+
+def setup(ctx: StageContext) -> TrainState:
+    return build_state(ctx, load_inputs(ctx))
+
+
+def heldout_rows(world: WorldSets, n: int, seed: int = 0) -> Rows:
+    """``n`` held-out understanding prompts: the world's held-out Q&A and captions first, then
+    fresh scenes from the world's generator (``components/world/heldout.py``), none of whose
+    images is an image of the world data. Deterministic; a smaller ``n`` gives a prefix."""
+    held = world.und_heldout
+    k = min(n, len(held)) if held is not None else 0
+    parts = [held.subset(list(range(k)))] if k else []
+    if n > k:
+        sets = (world.t2i, world.edit, world.und_train, world.und_heldout)
+        exclude = {image_key(img) for rows in sets if rows is not None
+                   for imgs in (rows.images, rows.targets) if imgs is not None
+                   for img in imgs.permute(0, 2, 3, 1).numpy()}
+        size = int(world.t2i.images.shape[-1])
+        fresh = fresh_prompts(n - k, seed, image_size=size, exclude=exclude)
+        images = torch.from_numpy(np.stack([f.image for f in fresh])).permute(0, 3, 1, 2).contiguous()
+        parts.append(Rows(images, [f.question or CAPTION_PROMPT for f in fresh], answers=[f.answer for f in fresh]))
+    if not parts:
+        return Rows(torch.zeros(0, 3, 64, 64, dtype=torch.uint8), [], answers=[])
+    return Rows(torch.cat([r.images for r in parts]), [t for r in parts for t in r.texts],
+                answers=[a for r in parts for a in r.answers])
 
 
 # ---------------------------------------------------------------- the loss
@@ -247,16 +301,19 @@ def load_draft(path, target: Understanding | None = None, expected_md5: str | No
 
 
 def evaluate(state: TrainState) -> dict[str, float]:
-    """Greedy speculative decoding of held-out Q&A and caption prompts at batch 1."""
+    """Greedy speculative decoding of ``eval_prompts`` held-out Q&A and caption prompts at batch 1
+    (:func:`heldout_rows`)."""
     p: Params = state.extra["params"]
     out = {"regen_s": float(state.data["regen_s"]), "train_rows": float(len(state.data["seqs"]))}
-    held = state.data["heldout"]
-    if held is None or not p.eval_prompts:
+    if not p.eval_prompts:
         return out
+    world: WorldSets = state.data["world"]
+    held = heldout_rows(world, p.eval_prompts, p.seed)
     teacher: Teacher = state.extra["teacher"]
-    k = min(len(held), p.eval_prompts)
-    prompts = [teacher.prompt_ids(q) for q in held.texts[:k]]
+    prompts = [teacher.prompt_ids(q) for q in held.texts]
     res = speculative.benchmark(state.extra["target"], _raw(state.modules["draft"]).eval(),
-                                _images(held.images[:k]), prompts, p.max_new_tokens, p.chain)
+                                _images(held.images), prompts, p.max_new_tokens, p.chain)
+    out["heldout_world"] = float(min(len(held), len(world.und_heldout) if world.und_heldout is not None else 0))
+    out["heldout_fresh"] = float(len(held) - out["heldout_world"])
     out.update({k2: v for k2, v in res.metrics().items() if not (isinstance(v, float) and math.isnan(v))})
     return out

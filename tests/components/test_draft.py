@@ -154,6 +154,9 @@ def test_trains_lowers_the_loss_resumes_exports_and_is_lossless(setup_dirs, tmp_
     # evaluate: the stage's metrics on held-out prompts
     m = draft.evaluate(full)
     assert m["identical_fraction"] == 1.0 and m["tau"] >= 1.0 and m["speedup"] > 0
+    # as many prompts as asked: the world's few held-out rows, topped up with fresh scenes
+    assert m["n_prompts"] == SMALL["eval_prompts"] == m["heldout_world"] + m["heldout_fresh"]
+    assert m["heldout_fresh"] > 0
     assert m["tokens_per_s_target"] > 0 and "alpha_1" in m
 
     # lossless on 20+ held-out prompts (a larger held-out split of the same world)
