@@ -1,0 +1,93 @@
+"""The draft's held-out prompts (the world's held-out rows topped up with fresh scenes, never a
+training image) and the Table 1 ablation runner on a tiny teacher."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from components import draft
+from components.base_data import CAPTION_PROMPT, load_world
+from components.draft_ablation import VARIANTS, run_ablation
+from components.world.datasets import WorldDataParams, build_world_data
+from components.world.heldout import CAPTION_EVERY, fresh_prompts, image_key
+from components.world.understanding import caption
+from tests.components.test_draft import SMALL, setup_dirs  # noqa: F401  (the tiny base + world fixture)
+
+
+def _keys(rows) -> set[str]:
+    if rows is None:
+        return set()
+    out = {image_key(x) for x in rows.images.permute(0, 2, 3, 1).numpy()}
+    if rows.targets is not None:
+        out |= {image_key(x) for x in rows.targets.permute(0, 2, 3, 1).numpy()}
+    return out
+
+
+def test_fresh_prompts_are_deterministic_prefixes_of_qa_and_captions():
+    a, b = fresh_prompts(30, seed=3), fresh_prompts(12, seed=3)
+    assert all(np.array_equal(x.image, y.image) and x.question == y.question for x, y in zip(a, b))
+    assert [p.kind == "caption" for p in a] == [i % CAPTION_EVERY == CAPTION_EVERY - 1 for i in range(30)]
+    for p in a:
+        assert p.image.shape == (64, 64, 3) and p.image.dtype == np.uint8
+        if p.kind == "caption":
+            assert p.question is None and p.answer == caption(p.scene)
+        else:
+            assert p.question.endswith("?") and p.answer
+    assert len({image_key(p.image) for p in a}) == 30            # 30 distinct scenes
+    other = fresh_prompts(5, seed=4)
+    assert not any(np.array_equal(x.image, y.image) for x, y in zip(a, other))
+    # an excluded render is skipped: the list starts at the next scene
+    skipped = fresh_prompts(3, seed=3, exclude={image_key(a[0].image)})
+    assert not np.array_equal(skipped[0].image, a[0].image)
+
+
+def test_fresh_prompts_never_coincide_with_the_world_datas_images(tmp_path):
+    # the world stage's own generator at its default seed (0): fresh scenes are other scenes
+    root = tmp_path / "world"
+    build_world_data(root, WorldDataParams(n_t2i=60, gedit_scale=0.02, geneval_n=2))
+    world = load_world(root)
+    n_held = len(world.und_heldout) if world.und_heldout is not None else 0
+    rows = draft.heldout_rows(world, n_held + 80, seed=0)
+    assert len(rows) == n_held + 80 and len(rows.answers) == len(rows)
+    if n_held:  # the world's held-out rows come first, unchanged
+        assert torch.equal(rows.images[:n_held], world.und_heldout.images)
+        assert rows.texts[:n_held] == world.und_heldout.texts
+    fresh = rows.images[n_held:].permute(0, 2, 3, 1).numpy()
+    training = set().union(*(_keys(r) for r in (world.t2i, world.edit, world.und_train, world.und_heldout)))
+    assert not {image_key(x) for x in fresh} & training
+    # no fresh scene is a scene of the Q&A or caption sets either (not only other pixels)
+    import json
+    scenes = {json.dumps(json.loads(line)["scene"], sort_keys=True)
+              for kind in ("qa", "captions") for line in (root / kind / f"{kind}.jsonl").read_text().splitlines()}
+    mine = {json.dumps(p.scene.to_json(), sort_keys=True) for p in fresh_prompts(80, seed=0)}
+    assert not mine & scenes
+    assert CAPTION_PROMPT in rows.texts[n_held:]
+    # a smaller request is a prefix (the ablation decodes the first prompts of evaluate's)
+    small = draft.heldout_rows(world, n_held + 7, seed=0)
+    assert torch.equal(small.images, rows.images[:n_held + 7]) and small.texts == rows.texts[:n_held + 7]
+
+
+def test_ablation_trains_every_variant_with_one_budget_and_decodes_the_same_prompts(setup_dirs, tmp_path):  # noqa: F811
+    torch.set_num_threads(1)
+    world, ckpt = setup_dirs
+    params = draft.Params(**{**SMALL, "ablation_steps": 2, "ablation_prompts": 3})
+    out = run_ablation(params, ckpt, world, tmp_path)
+    assert tuple(out) == VARIANTS
+    for v, r in out.items():
+        assert {"tau", "speedup"} <= set(r), v
+        assert r["tau"] >= 1.0 and r["speedup"] > 0
+        assert r["identical_fraction"] == 1.0                     # lossless whatever the draft
+        assert r["n_prompts"] == 3 and r["steps"] == 2 and r["final_loss"] == r["final_loss"]
+    c = {v: r["config"] for v, r in out.items()}
+    # Table 1: vanilla EAGLE-3 = FC over 3 levels + 1 fresh layer, KL only
+    assert c["eagle3"] == {"fusion": "fc", "draft_layers": 1, "init_from_target": False, "zero_init": False,
+                           "ce_weight": 0.0}
+    assert c["ours"] == {"fusion": "meta", "draft_layers": 2, "init_from_target": True, "zero_init": True,
+                         "ce_weight": 0.1}
+    assert c["no_zero_init"] == {**c["ours"], "zero_init": False}
+    assert c["no_ce"] == {**c["ours"], "ce_weight": 0.0}
+    assert c["no_zero_init_no_ce"] == {**c["ours"], "zero_init": False, "ce_weight": 0.0}
+    # each variant trained from its own fresh state (nothing resumed across variants)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(VARIANTS)
