@@ -256,11 +256,65 @@ def distill6_section(profile: str) -> dict[str, Any]:
     }
 
 
+def _finite(x: Any) -> Any:
+    """NaN (a metric with no rounds to count) as null, recursively."""
+    if isinstance(x, float):
+        return None if x != x else x
+    if isinstance(x, list):
+        return [_finite(v) for v in x]
+    if isinstance(x, dict):
+        return {k: _finite(v) for k, v in x.items()}
+    return x
+
+
+def speculative_section(profile: str) -> dict[str, Any]:
+    """Speculative decoding (issue 5). The main numbers are the `draft` stage's own evaluation
+    (identical fraction, τ, n-α, tokens/s and speedup, measured in one run on `eval_prompts`
+    held-out prompts); the Table 1 ablation trains every variant here, in process, with
+    `draft.ablation_steps` from the profile's base checkpoint and decodes `draft.ablation_prompts`
+    of the same prompts (components/draft_ablation.py)."""
+    import tempfile
+
+    from components import draft
+    from components.draft_ablation import run_ablation
+    from tasks.project import find_project, workspace
+
+    ws = workspace(find_project(), profile)
+    manifest = read_json(ws.out_path("draft") / "manifest.json")
+    base_md5 = ws.out_md5("base")
+    if (manifest.get("parent") or {}).get("md5") != base_md5:
+        raise RuntimeError(f"the draft out was trained on another base checkpoint than dvc.lock's ({base_md5}); "
+                           f"run `hyperbagel run --profile {profile} --stage draft` first")
+    m = manifest.get("metrics") or {}
+    if "tau" not in m:
+        raise RuntimeError("the draft stage recorded no speculative metrics (eval_prompts: 0?)")
+    params = draft.Params.model_validate(ws.resolved_params().get("draft") or {})
+    if manifest.get("params") != params.model_dump(mode="json"):
+        raise RuntimeError(f"the draft out was trained with other `draft` parameters than the profile's; "
+                           f"run `hyperbagel run --profile {profile} --stage draft` first")
+    with tempfile.TemporaryDirectory(prefix="draft-ablation-") as tmp:
+        ablation = run_ablation(params, ws.out_path("base"), ws.out_path("world_data"), Path(tmp),
+                                progress=lambda line: print(f"[speculative] ablation {line}", flush=True))
+    return _finite({
+        "n_prompts": int(m["n_prompts"]), "identical_fraction": m.get("identical_fraction"), "tau": m.get("tau"),
+        "alpha": [m.get(f"alpha_{n}", float("nan")) for n in range(1, params.chain + 1)],
+        "tokens_per_s": {"target": m.get("tokens_per_s_target"), "speculative": m.get("tokens_per_s_speculative")},
+        "speedup": m.get("speedup"),
+        "ablation": {v: {"tau": r["tau"], "speedup": r["speedup"]} for v, r in ablation.items()},
+        "ablation_detail": ablation,
+        "conditions": {"chain": params.chain, "max_new_tokens": params.max_new_tokens, "batch": 1,
+                       "heldout_world": m.get("heldout_world"), "heldout_fresh": m.get("heldout_fresh"),
+                       "draft_steps": params.steps, "ablation_steps": params.ablation_steps,
+                       "ablation_prompts": params.ablation_prompts},
+    })
+
+
 SECTIONS: dict[str, Callable[[str], dict[str, Any]]] = {
     "pipeline": pipeline_section,
     "world": world_section,
     "base": base_section,
     "distill6": distill6_section,
+    "speculative": speculative_section,
 }
 
 
