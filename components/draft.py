@@ -34,7 +34,7 @@ from transformers import DynamicCache
 
 from components import speculative
 from components.base_data import CAPTION_PROMPT, Rows, WorldSets, load_world
-from components.inference import Teacher
+from components.inference import InputError, Teacher
 from components.models.draft import Draft, DraftConfig, additive_mask, target_states
 from components.models.understanding import Understanding
 from components.training import Export, StageContext, TrainParams, TrainState
@@ -154,10 +154,19 @@ def setup(ctx: StageContext) -> TrainState:
     return build_state(ctx, load_inputs(ctx))
 
 
-def heldout_rows(world: WorldSets, n: int, seed: int = 0) -> Rows:
+def _encodable(teacher: Teacher, text: str) -> bool:
+    try:
+        teacher.prompt_ids(text)
+    except InputError:
+        return False
+    return True
+
+
+def heldout_rows(world: WorldSets, n: int, seed: int = 0, teacher: Teacher | None = None) -> Rows:
     """``n`` held-out understanding prompts: the world's held-out Q&A and captions first, then
     fresh scenes from the world's generator (``components/world/heldout.py``), none of whose
-    images is an image of the world data. Deterministic; a smaller ``n`` gives a prefix."""
+    images is an image of the world data; with ``teacher``, only fresh prompts its tokenizer can
+    encode (its vocabulary is the training data's). Deterministic; a smaller ``n`` gives a prefix."""
     held = world.und_heldout
     k = min(n, len(held)) if held is not None else 0
     parts = [held.subset(list(range(k)))] if k else []
@@ -167,7 +176,8 @@ def heldout_rows(world: WorldSets, n: int, seed: int = 0) -> Rows:
                    for imgs in (rows.images, rows.targets) if imgs is not None
                    for img in imgs.permute(0, 2, 3, 1).numpy()}
         size = int(world.t2i.images.shape[-1])
-        fresh = fresh_prompts(n - k, seed, image_size=size, exclude=exclude)
+        keep = None if teacher is None else (lambda f: _encodable(teacher, f.question or CAPTION_PROMPT))
+        fresh = fresh_prompts(n - k, seed, image_size=size, exclude=exclude, keep=keep)
         images = torch.from_numpy(np.stack([f.image for f in fresh])).permute(0, 3, 1, 2).contiguous()
         parts.append(Rows(images, [f.question or CAPTION_PROMPT for f in fresh], answers=[f.answer for f in fresh]))
     if not parts:
@@ -288,7 +298,6 @@ def export(state: TrainState) -> Export:
 def load_draft(path, target: Understanding | None = None, expected_md5: str | None = None) -> Draft:
     """A draft checkpoint; with ``target``, checks it was trained for that target's shapes."""
     from components import checkpoints
-    from components.inference import InputError
 
     ckpt = checkpoints.load_checkpoint(path, expected_md5)
     if ckpt.config.get("format") != FORMAT:
@@ -308,8 +317,8 @@ def evaluate(state: TrainState) -> dict[str, float]:
     if not p.eval_prompts:
         return out
     world: WorldSets = state.data["world"]
-    held = heldout_rows(world, p.eval_prompts, p.seed)
     teacher: Teacher = state.extra["teacher"]
+    held = heldout_rows(world, p.eval_prompts, p.seed, teacher)
     prompts = [teacher.prompt_ids(q) for q in held.texts]
     res = speculative.benchmark(state.extra["target"], _raw(state.modules["draft"]).eval(),
                                 _images(held.images), prompts, p.max_new_tokens, p.chain)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import hashlib
 import zlib
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Callable, Iterable
 
 import numpy as np
 
@@ -45,9 +45,11 @@ def image_key(img: np.ndarray) -> str:
 
 
 def fresh_prompts(n: int, seed: int = 0, namespace: str = NAMESPACE, image_size: int = 64,
-                  exclude: Iterable[str] = ()) -> list[FreshPrompt]:
+                  exclude: Iterable[str] = (), keep: Callable[[FreshPrompt], bool] | None = None
+                  ) -> list[FreshPrompt]:
     """``n`` prompts about new scenes (deterministic in ``seed`` and ``namespace``); scenes whose
-    render matches a key in ``exclude`` (:func:`image_key`) or an earlier fresh scene are skipped."""
+    render matches a key in ``exclude`` (:func:`image_key`) or an earlier fresh scene are skipped,
+    and so are prompts ``keep`` refuses (e.g. words a model's tokenizer does not know)."""
     if n < 0:
         raise ValueError("n must be >= 0")
     seen = set(exclude)
@@ -69,6 +71,8 @@ def fresh_prompts(n: int, seed: int = 0, namespace: str = NAMESPACE, image_size:
                 continue
             kind, q, a = asked[0]
             item = FreshPrompt(img, kind, q, a, scene)
+        if keep is not None and not keep(item):
+            continue
         seen.add(key)
         out.append(item)
     return out

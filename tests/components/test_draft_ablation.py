@@ -91,3 +91,22 @@ def test_ablation_trains_every_variant_with_one_budget_and_decodes_the_same_prom
     assert c["no_zero_init_no_ce"] == {**c["ours"], "zero_init": False, "ce_weight": 0.0}
     # each variant trained from its own fresh state (nothing resumed across variants)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(VARIANTS)
+
+
+def test_heldout_prompts_are_ones_the_teacher_can_read(setup_dirs):  # noqa: F811
+    from components.inference import InputError, Teacher
+
+    world_dir, ckpt = setup_dirs
+    teacher, world = Teacher.load(ckpt), load_world(world_dir)
+
+    def readable(text: str) -> bool:
+        try:
+            teacher.prompt_ids(text)
+        except InputError:
+            return False
+        return True
+
+    loose = draft.heldout_rows(world, 60, seed=0)
+    assert not all(readable(t) for t in loose.texts)  # the tiny world's vocabulary misses some words
+    rows = draft.heldout_rows(world, 60, seed=0, teacher=teacher)
+    assert len(rows) == 60 and all(readable(t) for t in rows.texts)
