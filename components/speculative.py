@@ -37,6 +37,7 @@ from components.models.understanding import Understanding
 class SpecResult:
     tokens: list[int]                                       # the answer, without eos
     rounds: list[list[bool]] = field(default_factory=list)  # per round: outcome of d_1, d_2, ... until rejection
+    drafted: list[int] = field(default_factory=list)        # per round: draft tokens proposed (<= chain)
 
     @property
     def accepted(self) -> list[int]:
@@ -84,9 +85,14 @@ def _prefill(target: Understanding, image: torch.Tensor, prompt: list[int]):
 @torch.no_grad()
 def generate(target: Understanding, draft: Draft, image: torch.Tensor, prompt: list[int], max_new_tokens: int = 48,
              chain: int = 10, mode: str = "greedy", temperature: float = 1.0,
-             generator: torch.Generator | None = None) -> SpecResult:
+             generator: torch.Generator | None = None, stop_below: float = 0.0) -> SpecResult:
     """Speculative decoding of one answer to ``prompt`` (question ids ending in ``sep``) about
-    ``image`` ``(1, 3, H, W)``; ``chain`` draft tokens per round."""
+    ``image`` ``(1, 3, H, W)``; up to ``chain`` draft tokens per round.
+
+    ``stop_below`` > 0 makes the chain dynamic (EAGLE-2's confidence as the acceptance proxy):
+    a round stops drafting once the draft's top probability for the next token falls below it
+    (at least one draft per round). The decision reads the draft alone, so verification, and the
+    output, are unchanged; only draft steps that would likely be rejected are saved."""
     target.check_image(image)
     if image.shape[0] != 1:
         raise ValueError("speculative decoding runs at batch 1")
@@ -114,12 +120,15 @@ def generate(target: Understanding, draft: Draft, image: torch.Tensor, prompt: l
         q: list[torch.Tensor] = []
         for i in range(k):
             logits = draft.logits(h)[0, -1]
+            if stop_below > 0 and i > 0 and float(torch.softmax(logits.float(), -1).max()) < stop_below:
+                break
             d = s.draw(logits)
             drafts.append(d)
             if not s.greedy:
                 q.append(s.probs(logits))
             if i + 1 < k:
                 h = draft.step(h, draft.embed(torch.tensor([[d]])), torch.tensor([n + i]), d_cache)
+        k = len(drafts)
         # 2. verify [x, d_1 .. d_k] at positions n .. n+k
         ids = torch.tensor([[x] + drafts])
         vout = target.lm(input_ids=ids, position_ids=torch.arange(n, n + k + 1)[None], past_key_values=t_cache,
@@ -146,6 +155,7 @@ def generate(target: Understanding, draft: Draft, image: torch.Tensor, prompt: l
         if not ended and new is None:
             new = s.draw(tl[m])
         result.rounds.append(outcomes)
+        result.drafted.append(k)
         emitted += accepted + ([new] if new is not None and not ended else [])
         # 4. keep positions n .. n+m (x and the accepted drafts) in both caches
         _crop(t_cache, n + m + 1)
@@ -199,7 +209,7 @@ class Benchmark:
 
 @torch.no_grad()
 def benchmark(target: Understanding, draft: Draft, images: torch.Tensor, prompts: list[list[int]],
-              max_new_tokens: int = 48, chain: int = 10) -> Benchmark:
+              max_new_tokens: int = 48, chain: int = 10, stop_below: float = 0.0) -> Benchmark:
     """Greedy decoding of every prompt by the target alone and with speculation, at batch 1:
     identical outputs, τ, n-α (n = 1..chain) and tokens/s of both (the same answer tokens)."""
     target.eval()
@@ -211,7 +221,7 @@ def benchmark(target: Understanding, draft: Draft, images: torch.Tensor, prompts
         t0 = time.perf_counter()
         ref = target.generate(img, [prompt], max_new_tokens)[0]
         t1 = time.perf_counter()
-        res = generate(target, draft, img, prompt, max_new_tokens, chain)
+        res = generate(target, draft, img, prompt, max_new_tokens, chain, stop_below=stop_below)
         t2 = time.perf_counter()
         t_target += t1 - t0
         t_spec += t2 - t1

@@ -145,3 +145,56 @@ def test_the_bigram_pair_is_what_it_claims():
         d = draft.logits(draft.step(torch.zeros(1, 8, 32), draft.embed(torch.tensor([ids])), torch.arange(8),
                                     None)).argmax(-1)[0]
     assert torch.equal(t, d)
+
+
+@pytest.mark.parametrize("stop_below", [0.2, 0.6])
+def test_a_dynamic_chain_stays_lossless_and_drafts_less(stop_below):
+    """Stopping a round once the draft's confidence falls below ``stop_below`` shortens chains but
+    leaves the greedy output the target's own."""
+    torch.set_num_threads(1)
+    target = _target(seed=7)
+    draft = Draft.from_target(target, DraftConfig.for_target(target, fusion="meta", zero_init=False)).eval()
+    images, prompts = _prompts(12, 12, seed=4)
+    fixed = [speculative.generate(target, draft, images[i:i + 1], p, 20, chain=10) for i, p in enumerate(prompts)]
+    dyn = [speculative.generate(target, draft, images[i:i + 1], p, 20, chain=10, stop_below=stop_below)
+           for i, p in enumerate(prompts)]
+    with torch.no_grad():
+        ref = [target.generate(images[i:i + 1], [p], 20)[0] for i, p in enumerate(prompts)]
+    assert [r.tokens for r in dyn] == ref == [r.tokens for r in fixed]
+    assert all(k == 10 for res in fixed for k in res.drafted[:-1])   # the last round may be cut by the length
+    assert all(k >= 1 for res in dyn for k in res.drafted)
+    per_round = lambda rs: sum(sum(r.drafted) for r in rs) / sum(len(r.drafted) for r in rs)  # noqa: E731
+    assert per_round(dyn) < per_round(fixed)
+    # a perfect draft, confident everywhere (a peaked head for both), still runs full chains
+    t2, d2 = _bigram_pair()
+    with torch.no_grad():
+        t2.lm.lm_head.weight.mul_(50.0)
+        d2.lm_head.weight.copy_(t2.lm.lm_head.weight)
+    im, pr = _prompts(2, 16)
+    b = speculative.benchmark(t2, d2, im, pr, max_new_tokens=25, chain=10, stop_below=stop_below)
+    assert b.identical_fraction == 1.0 and b.alpha == [1.0] * 10
+
+
+def test_dynamic_chain_sampling_keeps_the_target_distribution():
+    torch.set_num_threads(1)
+    target = _target(vocab=5, layers=2, seed=5)
+    with torch.no_grad():
+        target.lm.lm_head.weight.mul_(6.0)
+    draft = Draft.from_target(target, DraftConfig.for_target(target, fusion="meta", zero_init=False)).eval()
+    image, prompt = torch.zeros(1, 3, 64, 64), [3, 4, 1]
+    exact = _exact_distribution(target, image, prompt, 3)
+    g = torch.Generator().manual_seed(1)
+    n = 1200
+    counts: dict[tuple[int, ...], int] = {}
+    for _ in range(n):
+        res = speculative.generate(target, draft, image, prompt, max_new_tokens=3, chain=3, mode="sample",
+                                   generator=g, stop_below=0.5)
+        seq = tuple(res.tokens[:3]) if len(res.tokens) == 3 else tuple(res.tokens) + (2,)
+        counts[seq] = counts.get(seq, 0) + 1
+    big = [k for k, p in exact.items() if p * n >= 5]
+    rest = 1.0 - sum(exact[k] for k in big)
+    obs = [counts.get(k, 0) for k in big] + [n - sum(counts.get(k, 0) for k in big)]
+    exp = [exact[k] * n for k in big] + [rest * n]
+    chi2 = sum((o - e) ** 2 / e for o, e in zip(obs, exp) if e > 0)
+    dof = len(big)
+    assert chi2 < dof + 5 * (2 * dof) ** 0.5, (chi2, dof)
