@@ -110,3 +110,52 @@ def test_heldout_prompts_are_ones_the_teacher_can_read(setup_dirs):  # noqa: F81
     assert not all(readable(t) for t in loose.texts)  # the tiny world's vocabulary misses some words
     rows = draft.heldout_rows(world, 60, seed=0, teacher=teacher)
     assert len(rows) == 60 and all(readable(t) for t in rows.texts)
+
+
+class _Workspace:
+    """The three things the report section reads from a profile's workspace."""
+
+    def __init__(self, outs: dict, md5: dict, params: dict):
+        self.outs, self.md5, self.params = outs, md5, params
+
+    def out_path(self, stage):
+        return self.outs[stage]
+
+    def out_md5(self, stage):
+        return self.md5[stage]
+
+    def resolved_params(self):
+        return self.params
+
+
+def test_report_section_has_the_issues_keys(setup_dirs, tmp_path, monkeypatch):  # noqa: F811
+    import tasks.project
+    from components import checkpoints
+    from components.training import LocalReporter, StageContext, run_training
+    from flows.bench import speculative_section
+
+    torch.set_num_threads(1)
+    world, ckpt = setup_dirs
+    values = {**SMALL, "steps": 2, "ablation_steps": 1, "ablation_prompts": 2, "eval_prompts": 5}
+    params = draft.Params(**values)
+    state = run_training(draft, StageContext(params, world, ckpt), LocalReporter(tmp_path / "train"))
+    out = tmp_path / "draft"
+    out.mkdir()
+    checkpoints.write_json(out / "manifest.json", {"parent": {"md5": "abc"}, "params": params.model_dump(mode="json"),
+                                                   "metrics": draft.evaluate(state)})
+    ws = _Workspace({"draft": out, "base": ckpt, "world_data": world}, {"base": "abc"}, {"draft": values})
+    monkeypatch.setattr(tasks.project, "workspace", lambda project, profile: ws)
+    monkeypatch.setattr(tasks.project, "find_project", lambda: tmp_path)
+    rep = speculative_section("smoke")
+    assert {"n_prompts", "identical_fraction", "tau", "alpha", "tokens_per_s", "speedup", "ablation"} <= set(rep)
+    assert rep["n_prompts"] == 5 and rep["identical_fraction"] == 1.0 and len(rep["alpha"]) == 10
+    assert set(rep["tokens_per_s"]) == {"target", "speculative"}
+    assert set(rep["ablation"]) == set(VARIANTS)
+    assert all(set(v) == {"tau", "speedup"} for v in rep["ablation"].values())
+    # a draft out from another base checkpoint, or other parameters, is refused
+    ws.md5["base"] = "other"
+    with pytest.raises(RuntimeError, match="another base"):
+        speculative_section("smoke")
+    ws.md5["base"], ws.params = "abc", {"draft": {**values, "chain": 4}}
+    with pytest.raises(RuntimeError, match="other `draft` parameters"):
+        speculative_section("smoke")
