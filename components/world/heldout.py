@@ -57,6 +57,9 @@ def fresh_prompts(n: int, seed: int = 0, namespace: str = NAMESPACE, image_size:
     out: list[FreshPrompt] = []
     i = 0
     while len(out) < n:
+        if i > 100 * n + 1000:
+            raise ValueError(f"only {len(out)} of {n} fresh prompts after {i} scenes: the filter refuses almost "
+                             f"every prompt")
         scene = random_scene(rng, int(rng.integers(1, 5)), image_size)
         img = render(scene, jitter_seed=zlib.crc32(f"{namespace}|{seed}|{i}".encode()))
         i += 1

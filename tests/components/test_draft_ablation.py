@@ -41,6 +41,8 @@ def test_fresh_prompts_are_deterministic_prefixes_of_qa_and_captions():
     # an excluded render is skipped: the list starts at the next scene
     skipped = fresh_prompts(3, seed=3, exclude={image_key(a[0].image)})
     assert not np.array_equal(skipped[0].image, a[0].image)
+    with pytest.raises(ValueError, match="refuses"):
+        fresh_prompts(2, keep=lambda p: False)
 
 
 def test_fresh_prompts_never_coincide_with_the_world_datas_images(tmp_path):
