@@ -126,6 +126,8 @@ def generate(target: Understanding, draft: Draft, image: torch.Tensor, prompt: l
             drafts.append(d)
             if not s.greedy:
                 q.append(s.probs(logits))
+            if d == eos:  # nothing after an end of answer can be accepted: stop drafting
+                break
             if i + 1 < k:
                 h = draft.step(h, draft.embed(torch.tensor([[d]])), torch.tensor([n + i]), d_cache)
         k = len(drafts)

@@ -198,3 +198,26 @@ def test_dynamic_chain_sampling_keeps_the_target_distribution():
     chi2 = sum((o - e) ** 2 / e for o, e in zip(obs, exp) if e > 0)
     dof = len(big)
     assert chi2 < dof + 5 * (2 * dof) ** 0.5, (chi2, dof)
+
+
+def test_drafting_stops_at_an_end_of_answer():
+    """A perfect draft of a target that does end its answers: the round that drafts eos stops there
+    (nothing after an end of answer can be accepted), and the output is still the target's."""
+    torch.set_num_threads(1)
+    target, draft = _bigram_pair()
+    images, prompts = _prompts(24, 16)
+    t = target.generate(images[:1], prompts[:1], 40)[0][1]  # a token the answers reach
+    with torch.no_grad():  # eos now wins wherever t did, for target and draft alike
+        head = target.lm.lm_head.weight
+        head[target.cfg.eos_id] = head[t] * 1.01
+        draft.lm_head.weight.copy_(head)
+    ended = 0
+    for img, prompt in zip(images, prompts):
+        res = speculative.generate(target, draft, img[None], prompt, max_new_tokens=40, chain=10)
+        plain = target.generate(img[None], [prompt], 40)[0]
+        assert res.tokens == plain
+        if len(plain) < 39 and len(res.rounds) > 0:  # the answer ended with eos inside a round
+            ended += 1
+            last = res.rounds[-1]
+            assert all(last) and res.drafted[-1] == len(last) <= 10
+    assert ended > 0
