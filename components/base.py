@@ -30,13 +30,14 @@ from pydantic import Field, model_validator
 
 from components import checkpoints, sampling
 from components.base_data import CAPTION_PROMPT, Rows, WorldSets, load_world
+from components.gen_data import GenData, images_to_unit
 from components.inference import Teacher, autocast
 from components.models.autoencoder import Autoencoder, AutoencoderConfig
 from components.models.generator import GenCondition, Generator, GeneratorConfig
 from components.models.tokens import Tokenizer, split
 from components.models.understanding import IGNORE, Understanding, UnderstandingConfig
-from components.gen_data import GenData, images_to_unit
-from components.training import Export, StageContext, TrainParams, TrainState, ema_update
+from components.training import (Export, StageContext, TrainParams, TrainState, ema_update, set_lr, step_generator,
+                                 warmup_lr)
 
 CALIBRATION_IMAGES = 512
 
@@ -178,21 +179,12 @@ def _und_rows(world: WorldSets, teacher: Teacher) -> list[tuple[list[int], list[
 
 # ---------------------------------------------------------------- training
 
-def _lr(base: float, step: int, warmup: int) -> float:
-    return base * min(1.0, (step + 1) / max(1, warmup))
-
-
-def _set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
-    for group in opt.param_groups:
-        group["lr"] = lr
-
-
 def train_step(state: TrainState, step: int) -> dict[str, float]:
     p: Params = state.extra["params"]
     if p.source == "import":
         return {}
     t0 = time.time()
-    g = torch.Generator().manual_seed(p.seed * 1_000_003 + step * 7919 + state.extra["rank"])
+    g = step_generator(p.seed, step, state.extra["rank"])
     metrics: dict[str, float] = {}
     if step < p.ae_steps:
         metrics.update(_ae_step(state, step, g))
@@ -211,7 +203,7 @@ def _ae_step(state: TrainState, step: int, g: torch.Generator) -> dict[str, floa
     t2i = state.data["world"].t2i
     idx = torch.randint(0, len(t2i), (p.ae_batch_size,), generator=g)
     ae, opt = state.modules["autoencoder"], state.optimizers["ae"]
-    _set_lr(opt, _lr(p.ae_lr, step, p.warmup))
+    set_lr(opt, warmup_lr(p.ae_lr, step, p.warmup))
     with autocast(p.bf16):
         loss, logs = ae(images_to_unit(t2i.images[idx]))
     opt.zero_grad(set_to_none=True)
@@ -258,7 +250,7 @@ def _gen_step(state: TrainState, step: int, g: torch.Generator) -> dict[str, flo
     noise = torch.randn(x0.shape, generator=g)
     t = sampling.sample_train_t(x0.shape[0], generator=g)
     model, opt = state.modules["generator"], state.optimizers["gen"]
-    _set_lr(opt, _lr(p.lr, step, p.warmup))
+    set_lr(opt, warmup_lr(p.lr, step, p.warmup))
     with autocast(p.bf16):
         v = model(sampling.interpolate(x0, noise, t), t, cond)
     loss = F.mse_loss(v.float(), sampling.velocity_target(x0, noise))
@@ -288,7 +280,7 @@ def _und_step(state: TrainState, step: int, g: torch.Generator) -> dict[str, flo
     p: Params = state.extra["params"]
     images, ids, labels = _und_batch(state, g)
     model, opt = state.modules["understanding"], state.optimizers["und"]
-    _set_lr(opt, _lr(p.und_lr, step, p.warmup))
+    set_lr(opt, warmup_lr(p.und_lr, step, p.warmup))
     with autocast(p.bf16):
         loss = model(images, ids, labels)
     opt.zero_grad(set_to_none=True)

@@ -27,8 +27,8 @@ from pydantic import Field
 
 from components import sampling
 from components.distill import (DistillParams, build_state, copy_generator, evaluate_common, export_student, guided,
-                                load_model, lr_at, optimise, raw, step_generator, task_cfg, velocity_fn, world_batch)
-from components.training import Export, StageContext, TrainState
+                                load_model, optimise, raw, task_cfg, velocity_fn, world_batch)
+from components.training import Export, StageContext, TrainState, step_generator, warmup_lr
 
 
 class Params(DistillParams):
@@ -63,7 +63,7 @@ def teacher_target(teacher, x_t: torch.Tensor, t: torch.Tensor, cond, is_edit: b
 
 def train_step(state: TrainState, step: int) -> dict[str, float]:
     p: Params = state.extra["params"]
-    g = step_generator(p, step, state.extra["rank"])
+    g = step_generator(p.seed, step, state.extra["rank"])
     x0, cond, is_edit, s_txt, s_img = world_batch(state, g)
     noise = torch.randn(x0.shape, generator=g)
     t = sampling.sample_train_t(x0.shape[0], shift=p.shift, generator=g)
@@ -73,7 +73,7 @@ def train_step(state: TrainState, step: int) -> dict[str, float]:
     model = state.modules["student"]
     v = velocity_fn(model, p.bf16)(x_t, t, guided(cond, is_edit, t, s_txt, s_img))
     loss = cfg_distill_loss(v, target)
-    gnorm = optimise(state.optimizers["student"], loss, model.parameters(), p.grad_clip, lr_at(p.lr, step, p.warmup))
+    gnorm = optimise(state.optimizers["student"], loss, model.parameters(), p.grad_clip, warmup_lr(p.lr, step, p.warmup))
     return {"cfg_loss": loss.item(), "grad_norm": gnorm, "edit": float(is_edit)}
 
 

@@ -26,11 +26,11 @@ import torch
 from pydantic import Field, model_validator
 
 from components import sampling
-from components.base_data import load_world
+from components.base_data import WorldSets, load_world
 from components.gen_data import GenData
 from components.inference import Teacher, autocast
 from components.models.generator import SCALE_EMBEDDINGS, GenCondition, Generator
-from components.training import Export, StageContext, TrainParams, TrainState
+from components.training import Export, StageContext, TrainParams, TrainState, set_lr
 
 
 class DistillParams(TrainParams):
@@ -89,14 +89,6 @@ def velocity_fn(gen: Generator, bf16: bool):
 
 # ---------------------------------------------------------------- data
 
-def setup_data(ctx: StageContext, model: Teacher) -> GenData:
-    p: DistillParams = ctx.params
-    if ctx.data_dir is None:
-        raise ValueError("distillation trains on the world data; no data directory was given")
-    world = load_world(ctx.data_dir, limit=p.data_limit)
-    return GenData.build(world, model.autoencoder, model.text_ids, model.tokenizer.pad_id, p.bf16)
-
-
 def build_state(ctx: StageContext, model: Teacher, modules: dict[str, torch.nn.Module], lrs: dict[str, float],
                 extra: dict, betas: dict[str, tuple[float, float]] | None = None) -> TrainState:
     """The stage's training state: an AdamW per trainable module (``lrs``), the world data encoded by
@@ -104,10 +96,13 @@ def build_state(ctx: StageContext, model: Teacher, modules: dict[str, torch.nn.M
     optimizers = {name: torch.optim.AdamW(modules[name].parameters(), lr=lr, weight_decay=0.0,
                                           betas=(betas or {}).get(name, (0.9, 0.999)))
                   for name, lr in lrs.items()}
-    state = TrainState(modules, optimizers, setup_data(ctx, model),
-                       extra={"params": ctx.params, "rank": ctx.rank, "base": model, **extra})
-    sample_inputs(ctx, state)
-    return state
+    p: DistillParams = ctx.params
+    if ctx.data_dir is None:
+        raise ValueError("distillation trains on the world data; no data directory was given")
+    world = load_world(ctx.data_dir, limit=p.data_limit)
+    data = GenData.build(world, model.autoencoder, model.text_ids, model.tokenizer.pad_id, p.bf16)
+    return TrainState(modules, optimizers, data, extra={"params": p, "rank": ctx.rank, "base": model, **extra,
+                                                        **grid_inputs(world)})
 
 
 def task_cfg(is_edit: bool) -> sampling.CFG:
@@ -140,18 +135,9 @@ def guided(cond: GenCondition, is_edit: bool, t: torch.Tensor, s_txt: torch.Tens
     return cond.with_scales(*sampling.gate_scales(task_cfg(is_edit), t, s_txt, s_img))
 
 
-def step_generator(p: TrainParams, step: int, rank: int) -> torch.Generator:
-    return torch.Generator().manual_seed(p.seed * 1_000_003 + step * 7919 + rank)
-
-
-def lr_at(base: float, step: int, warmup: int) -> float:
-    return base * min(1.0, (step + 1) / max(1, warmup))
-
-
 def optimise(opt: torch.optim.Optimizer, loss: torch.Tensor, params, clip: float, lr: float) -> float:
     """One AdamW step on ``loss`` with gradient clipping; returns the gradient norm."""
-    for group in opt.param_groups:
-        group["lr"] = lr
+    set_lr(opt, lr)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     norm = torch.nn.utils.clip_grad_norm_(list(params), clip)
@@ -191,13 +177,13 @@ def export_student(state: TrainState, generator: Generator, stage: str, n: int =
     return Export(model.tensors(), config, samples)
 
 
-def sample_inputs(ctx: StageContext, state: TrainState, n: int = 8) -> None:
+def grid_inputs(world: WorldSets, n: int = 8) -> dict:
     """Prompts and edits shown in the exported grids (the first rows of the world data)."""
-    world = load_world(ctx.data_dir, limit=n)
-    state.extra["sample_prompts"] = world.t2i.texts[:n]
+    out: dict = {"sample_prompts": world.t2i.texts[:n]}
     if world.edit is not None:
         k = min(4, len(world.edit))
-        state.extra["sample_edits"] = (world.edit.images[:k].permute(0, 2, 3, 1).numpy(), world.edit.texts[:k])
+        out["sample_edits"] = (world.edit.images[:k].permute(0, 2, 3, 1).numpy(), world.edit.texts[:k])
+    return out
 
 
 def evaluate_common(state: TrainState) -> dict[str, float]:

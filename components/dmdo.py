@@ -33,8 +33,8 @@ from pydantic import Field
 
 from components import sampling
 from components.distill import (DistillParams, build_state, copy_generator, evaluate_common, export_student, guided,
-                                load_model, lr_at, optimise, raw, step_generator, velocity_fn, world_batch)
-from components.training import Export, StageContext, TrainState
+                                load_model, optimise, raw, velocity_fn, world_batch)
+from components.training import Export, StageContext, TrainState, step_generator, warmup_lr
 
 WEIGHT_EPS = 1e-6
 
@@ -63,13 +63,13 @@ def fake_loss(v_fake: torch.Tensor, x0: torch.Tensor, x_T: torch.Tensor) -> torc
 
 def x0_from_velocity(x_t: torch.Tensor, v: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """The data point a velocity points back to: ``x_t - t v``."""
-    return x_t - sampling._bcast(t, x_t) * v
+    return x_t - sampling.per_sample_view(t, x_t) * v
 
 
 def dmd_gradient(x0_hat: torch.Tensor, x0_real: torch.Tensor, x0_fake: torch.Tensor) -> torch.Tensor:
     """DMD's ``(x0_fake - x0_real) / mean|x0_hat - x0_real|``, the mean taken per sample."""
     w = (x0_hat - x0_real).abs().flatten(1).mean(1).clamp(min=WEIGHT_EPS)
-    return torch.nan_to_num((x0_fake - x0_real) / sampling._bcast(w, x0_hat))
+    return torch.nan_to_num((x0_fake - x0_real) / sampling.per_sample_view(w, x0_hat))
 
 
 def dmd_loss(x0_hat: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
@@ -106,7 +106,7 @@ def setup(ctx: StageContext) -> TrainState:
 
 def train_step(state: TrainState, step: int) -> dict[str, float]:
     p: Params = state.extra["params"]
-    g = step_generator(p, step, state.extra["rank"])
+    g = step_generator(p.seed, step, state.extra["rank"])
     x_data, cond, is_edit, s_txt, s_img = world_batch(state, g)  # the data gives conditions only
     n = x_data.shape[0]
     at = lambda t: guided(cond, is_edit, t, s_txt, s_img)  # noqa: E731  (scales in force at t)
@@ -121,7 +121,7 @@ def train_step(state: TrainState, step: int) -> dict[str, float]:
         t = sampling.sample_train_t(n, shift=p.shift, generator=g)
         v = velocity_fn(fake, p.bf16)(endpoint_interpolate(x0, x_T, t), t, at(t))
         loss = fake_loss(v, x0, x_T)
-        optimise(state.optimizers["fake"], loss, fake.parameters(), p.grad_clip, lr_at(p.fake_lr, step, p.warmup))
+        optimise(state.optimizers["fake"], loss, fake.parameters(), p.grad_clip, warmup_lr(p.fake_lr, step, p.warmup))
         f_losses.append(loss.item())
 
     # 3. one differentiable generator step from a stored point, then DMD's gradient
@@ -136,7 +136,7 @@ def train_step(state: TrainState, step: int) -> dict[str, float]:
         x0_fake = x0_from_velocity(x_t2, velocity_fn(fake, p.bf16)(x_t2, t2, at(t2)), t2)
         grad = dmd_gradient(x0_hat.detach(), x0_real, x0_fake)
     loss = dmd_loss(x0_hat, grad)
-    gnorm = optimise(state.optimizers["generator"], loss, gen.parameters(), p.grad_clip, lr_at(p.lr, step, p.warmup))
+    gnorm = optimise(state.optimizers["generator"], loss, gen.parameters(), p.grad_clip, warmup_lr(p.lr, step, p.warmup))
     return {"fake_loss": sum(f_losses) / len(f_losses), "dmd_loss": loss.item(), "grad_norm": gnorm,
             "fake_real_gap": (x0_fake - x0_real).abs().mean().item(), "edit": float(is_edit)}
 

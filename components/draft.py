@@ -37,7 +37,7 @@ from components.base_data import CAPTION_PROMPT, Rows, WorldSets, load_world
 from components.inference import InputError, Teacher
 from components.models.draft import Draft, DraftConfig, additive_mask, target_states
 from components.models.understanding import Understanding
-from components.training import Export, StageContext, TrainParams, TrainState
+from components.training import Export, StageContext, TrainParams, TrainState, set_lr, step_generator, warmup_lr
 from components.world.heldout import fresh_prompts, image_key
 
 FORMAT = "hyperbagel-draft/1"
@@ -269,12 +269,11 @@ def _raw(m: torch.nn.Module) -> Draft:
 def train_step(state: TrainState, step: int) -> dict[str, float]:
     p: Params = state.extra["params"]
     t0 = time.perf_counter()
-    g = torch.Generator().manual_seed(p.seed * 1_000_003 + step * 7919 + state.extra["rank"])
+    g = step_generator(p.seed, step, state.extra["rank"])
     idx = torch.randint(0, len(state.data["seqs"]), (p.batch_size,), generator=g).tolist()
     states, embeds, logits, first, last = batch(state, idx)
     model, opt = state.modules["draft"], state.optimizers["draft"]
-    for group in opt.param_groups:
-        group["lr"] = p.lr * min(1.0, (step + 1) / max(1, p.warmup))
+    set_lr(opt, warmup_lr(p.lr, step, p.warmup))
     model.train()
     # through the module's forward, so a data-parallel wrapper synchronises the gradients
     loss, logs = model(ttt_loss, states, embeds, logits, first, last, p.ttt_steps, p.ttt_decay, p.ce_lambda())

@@ -30,6 +30,7 @@ from components.models.tokens import Tokenizer, UnknownWordError
 
 FORMAT = "hyperbagel-base/1"
 PARTS = ("autoencoder", "generator", "understanding")
+TEACHER_SAMPLER = {"num_steps": 50}  # a checkpoint without a ``sampler`` is a teacher: BAGEL's 50 steps
 
 
 class InputError(ValueError):
@@ -72,7 +73,7 @@ class Teacher:
     tokenizer: Tokenizer
     bf16: bool = True
     last_nfe: int = 0
-    sampler: dict[str, Any] = field(default_factory=lambda: {"num_steps": 50})
+    sampler: dict[str, Any] = field(default_factory=lambda: dict(TEACHER_SAMPLER))
 
     @property
     def embedded_cfg(self) -> bool:
@@ -81,7 +82,7 @@ class Teacher:
 
     @property
     def default_steps(self) -> int:
-        return int(self.sampler.get("num_steps", 50))
+        return int(self.sampler["num_steps"])
 
     # ------------------------------------------------------------ persistence
 
@@ -105,7 +106,7 @@ class Teacher:
         t = cls(Autoencoder(AutoencoderConfig(**config["autoencoder"])),
                 Generator(GeneratorConfig(**config["generator"])),
                 Understanding(UnderstandingConfig(**config["understanding"])), tok,
-                sampler=dict(config.get("sampler") or {"num_steps": 50}))
+                sampler=dict(config.get("sampler") or TEACHER_SAMPLER))
         if tensors is not None:
             for name in PARTS:
                 getattr(t, name).load_state_dict(checkpoints.sub_state(tensors, name))

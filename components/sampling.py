@@ -46,13 +46,14 @@ def sample_train_t(n: int, shift: float = SHIFT, generator: torch.Generator | No
     return shift_t(torch.sigmoid(torch.randn(n, generator=generator)), shift)
 
 
-def _bcast(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+def per_sample_view(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """One value per sample ``(B,)`` shaped to broadcast against ``like`` ``(B, ...)``."""
     return t.to(like).reshape(-1, *([1] * (like.dim() - 1)))
 
 
 def interpolate(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """``x_t = (1 - t) * x0 + t * noise`` with one ``t`` per sample."""
-    tb = _bcast(t, x0)
+    tb = per_sample_view(t, x0)
     return (1 - tb) * x0 + tb * noise
 
 
@@ -74,7 +75,7 @@ def euler_step(x: torch.Tensor, v: torch.Tensor, t: float | torch.Tensor,
     """One Euler step of the flow ODE from ``t`` down to ``t_next``: ``x - v * (t - t_next)``."""
     dt = t - t_next
     if torch.is_tensor(dt):
-        dt = _bcast(dt, x)
+        dt = per_sample_view(dt, x)
     return x - v * dt
 
 
@@ -143,7 +144,7 @@ def _per_sample(scale: Scale, like: torch.Tensor) -> Scale:
     """A tensor of per-sample scales, clamped at 1 (a sample at 1 is unguided), shaped to broadcast."""
     if not torch.is_tensor(scale):
         return scale
-    return _bcast(scale.clamp(min=1.0), like)
+    return per_sample_view(scale.clamp(min=1.0), like)
 
 
 def combine_cfg(v: torch.Tensor, v_no_text: torch.Tensor | None, v_no_image: torch.Tensor | None,
@@ -232,22 +233,18 @@ class NFECounter:
 
 
 def sample(velocity: Velocity, noise: torch.Tensor, cond: Conditions | Any, num_steps: int = 50,
-           shift: float = SHIFT, cfg: CFG = NO_CFG, token_patch: int = 1, embedded: bool = False,
-           trajectory: list[torch.Tensor] | None = None) -> torch.Tensor:
+           shift: float = SHIFT, cfg: CFG = NO_CFG, token_patch: int = 1, embedded: bool = False) -> torch.Tensor:
     """Integrate the flow ODE from ``noise`` (t = 1) to data (t = 0) with Euler steps.
 
     Per step, BAGEL's CFG (:func:`cfg_velocity`): the conditional pass, plus a text-free pass
     when the text scale in force is above 1 and an image-free pass when the image scale in
     force is above 1. With ``embedded`` (a CFG-distilled student) the scales in force are given
     to the model instead, through ``cond.with_scales``, and every step is one pass. A plain
-    ``cond`` (not :class:`Conditions`) means no guidance. ``trajectory``, when given, receives
-    ``x`` at every visited time (``num_steps + 1`` tensors, noise first).
+    ``cond`` (not :class:`Conditions`) means no guidance.
     """
     conds = cond if isinstance(cond, Conditions) else Conditions(cond)
     ts = timesteps(num_steps, shift)
     x = noise
-    if trajectory is not None:
-        trajectory.append(x)
     for t, t_next in zip(ts[:-1], ts[1:]):
         tt = torch.full((x.shape[0],), t, dtype=x.dtype, device=x.device)
         s_txt, s_img = cfg.scales_at(t)
@@ -256,8 +253,6 @@ def sample(velocity: Velocity, noise: torch.Tensor, cond: Conditions | Any, num_
         else:
             v = cfg_velocity(velocity, x, tt, conds, s_txt, s_img, cfg, token_patch)
         x = euler_step(x, v, t, t_next)
-        if trajectory is not None:
-            trajectory.append(x)
     return x
 
 

@@ -107,6 +107,22 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def step_generator(seed: int, step: int, rank: int) -> torch.Generator:
+    """The random generator of one training step, seeded by (seed, step, rank): a resumed run
+    draws exactly what an uninterrupted one would."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + step * 7919 + rank)
+
+
+def warmup_lr(base: float, step: int, warmup: int) -> float:
+    """Linear warm-up over ``warmup`` steps, then ``base``."""
+    return base * min(1.0, (step + 1) / max(1, warmup))
+
+
+def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
+    for group in opt.param_groups:
+        group["lr"] = lr
+
+
 @torch.no_grad()
 def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
     """``ema <- decay * ema + (1 - decay) * model``, parameter by parameter."""

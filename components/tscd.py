@@ -38,9 +38,9 @@ from pydantic import Field, model_validator
 
 from components import sampling
 from components.distill import (DistillParams, build_state, copy_generator, evaluate_common, export_student, guided,
-                                load_model, lr_at, optimise, raw, step_generator, velocity_fn, world_batch)
+                                load_model, optimise, raw, velocity_fn, world_batch)
 from components.models.discriminator import MultiHeadDiscriminator
-from components.training import Export, StageContext, TrainState, ema_update
+from components.training import Export, StageContext, TrainState, ema_update, step_generator, warmup_lr
 
 
 class Params(DistillParams):
@@ -127,7 +127,7 @@ def setup(ctx: StageContext) -> TrainState:
 
 def train_step(state: TrainState, step: int) -> dict[str, float]:
     p: Params = state.extra["params"]
-    g = step_generator(p, step, state.extra["rank"])
+    g = step_generator(p.seed, step, state.extra["rank"])
     x0, cond, is_edit, s_txt, s_img = world_batch(state, g)
     noise = torch.randn(x0.shape, generator=g)
     u_n, u_prev, u_end = sample_points(x0.shape[0], p.grid_steps, p.segments, g)
@@ -145,13 +145,13 @@ def train_step(state: TrainState, step: int) -> dict[str, float]:
     d_in = lambda x: disc(x, t_end, at(t_end)).float()  # noqa: E731
     d_loss = hinge_d_loss(d_in(target), d_in(pred.detach()))
     optimise(state.optimizers["discriminator"], d_loss, disc.parameters(), p.grad_clip,
-             lr_at(p.disc_lr, step, p.warmup))
+             warmup_lr(p.disc_lr, step, p.warmup))
 
     disc.requires_grad_(False)
     try:
         g_loss = generator_loss(d_in(pred), pred, target, p.distance, p.mse_weight, p.adv_weight)
         gnorm = optimise(state.optimizers["student"], g_loss, student.parameters(), p.grad_clip,
-                         lr_at(p.lr, step, p.warmup))
+                         warmup_lr(p.lr, step, p.warmup))
     finally:
         disc.requires_grad_(True)
     ema_update(state.modules["student_ema"], raw(student), p.ema_decay)

@@ -168,7 +168,7 @@ def test_a_step_along_dmds_gradient_reduces_the_fake_real_discrepancy():
     opt = torch.optim.SGD([theta], lr=20.0)
 
     def point_mass_velocity(m):
-        return lambda x_t, t: (x_t - m) / sampling._bcast(t, x_t)
+        return lambda x_t, t: (x_t - m) / sampling.per_sample_view(t, x_t)
 
     def discrepancy(x0_hat, x_T, t2):
         x_t = dmdo.endpoint_interpolate(x0_hat.detach(), x_T, t2)
