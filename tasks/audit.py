@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from tasks import registry
-from tasks.project import workspace
+from tasks.project import INPUT_ROLES, workspace
 
 
 @dataclass
@@ -145,7 +145,7 @@ def audit(c, uri: str, project: Path) -> dict[str, Any]:
                                 "current" if current == md5 else
                                 (f"superseded: dvc.lock now records {current}" if current else "stage not in dvc.lock")))
             if current == md5:  # a current out: dvc.lock's deps must name the same inputs as MLflow
-                for role in ("parent", "teacher", "data", "evaluates"):
+                for role in INPUT_ROLES:
                     path, want = t.get(f"{role}.path"), t.get(f"{role}.md5")
                     if path and want:
                         got = lock_deps.get(stage, {}).get(path)
@@ -156,7 +156,7 @@ def audit(c, uri: str, project: Path) -> dict[str, Any]:
                 ids = {manifest.get("mlflow_run_id")} | {b.get("mlflow_run_id") for b in manifest.get("batches") or []}
                 checks.append(Check(f"{stage} manifest.json", f"{name}: manifest names MLflow run {run.info.run_id}",
                                     run.info.run_id in ids, f"manifest runs {sorted(filter(None, ids))}"))
-                for role in ("parent", "teacher", "data", "evaluates"):
+                for role in INPUT_ROLES:
                     want = t.get(f"{role}.md5")
                     if want or manifest.get(role):
                         got = (manifest.get(role) or {}).get("md5")

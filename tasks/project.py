@@ -57,6 +57,9 @@ def git_sha(path: Path) -> str:
         return "unknown"
 
 
+INPUT_ROLES = ("parent", "teacher", "data", "evaluates")  # a stage's inputs, as lineage names them
+
+
 @dataclass(frozen=True)
 class StageDef:
     name: str
@@ -74,6 +77,10 @@ class StageDef:
     @property
     def out(self) -> str:
         return self.outs[0]
+
+    def inputs(self) -> list[tuple[str, str | None]]:
+        """``(role, producing stage or None)`` for every input role."""
+        return [(role, getattr(self, role)) for role in INPUT_ROLES]
 
 
 def read_stages(dvc_yaml: Path) -> dict[str, StageDef]:

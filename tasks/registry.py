@@ -10,6 +10,7 @@ from typing import Any
 
 from components import checkpoints
 from components.gates import Decision, GateParams, decide
+from tasks.project import INPUT_ROLES
 
 CHAMPION, PREVIOUS = "champion", "previous"
 URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))$")
@@ -160,7 +161,7 @@ def lineage(c, uri: str) -> dict[str, Any]:
             chain[-1]["kind"] = "ingest"
             chain[-1]["batch"] = {"name": t.get("batch.name"), "md5": t["batch.md5"], "source": t.get("batch.source")}
             chain[-1]["previous"] = {"stage": t.get("previous.stage"), "md5": t.get("previous.md5")}
-        for role in ("parent", "teacher", "data", "evaluates", "previous"):
+        for role in (*INPUT_ROLES, "previous"):
             pmd5 = t.get(f"{role}.md5")
             if pmd5 and pmd5 not in seen:
                 pr = _run_by_md5(c, exp_ids, pmd5)

@@ -53,7 +53,7 @@ def input_lineage(ws: Workspace, stage: str) -> dict[str, dict[str, str] | None]
     evaluated model; every one is verified against its bytes before use."""
     sd = ws.stage(stage)
     out: dict[str, dict[str, str] | None] = {}
-    for role, src in (("parent", sd.parent), ("teacher", sd.teacher), ("data", sd.data), ("evaluates", sd.evaluates)):
+    for role, src in sd.inputs():
         if not src:
             out[role] = None
             continue
@@ -98,8 +98,7 @@ def execute(stage: str, cwd: Path | None = None) -> dict[str, Any]:
         out_dir = ws.out_path(stage)
         manifest: dict[str, Any] = {
             "stage": stage, "profile": ws.profile, "module": sd.module,
-            "parent": lineage["parent"], "teacher": lineage["teacher"], "data": lineage["data"],
-            "evaluates": lineage["evaluates"],
+            **lineage,
             "params": params, "params_hash": phash, "git_sha": tags["git.sha"],
             "mlflow_run_id": run_id, "prefect_flow_run_id": flow_run,
         }
@@ -183,8 +182,8 @@ def _run_inline(ws, sd, params_model, lineage, out_dir: Path, manifest: dict[str
     module = importlib.import_module(sd.module)
     ctx = StageContext(params=params_model, data_dir=ws.out_path(sd.data) if sd.data else None,
                        parent_dir=ws.out_path(sd.parent) if sd.parent else None,
-                       extra={role: ws.out_path(src) for role, src in (("evaluates", sd.evaluates),
-                                                                         ("teacher", sd.teacher)) if src})
+                       extra={role: ws.out_path(src) for role, src in sd.inputs()
+                              if src and role in ("evaluates", "teacher")})
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
