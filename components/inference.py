@@ -150,7 +150,11 @@ class Teacher:
         noise = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
         conds = sampling.Conditions(cond, cond.without_text(), cond.without_image())
         counter = sampling.NFECounter(self._velocity)
-        with torch.no_grad():
+        # one autocast region for the whole chain: autocast keeps its bfloat16 copy of every weight
+        # until the outermost region exits, so the weights are cast once per call, not once per pass
+        # (the passes compute exactly what they did); the decoder runs in it too (its image is within
+        # 2 uint8 levels of a float32 decoder's)
+        with torch.no_grad(), autocast(self.bf16):
             z = sampling.sample(counter, noise, conds, num_steps=num_steps or self.default_steps, cfg=cfg,
                                 shift=float(self.sampler.get("shift", sampling.SHIFT)), token_patch=g.patch_size,
                                 embedded=self.embedded_cfg)

@@ -20,6 +20,8 @@ from typing import Any, Callable
 
 from components.checkpoints import read_json
 
+SPEED_REPEATS = 3  # distill6: each timing is the best of this many calls per round (two alternating rounds)
+
 
 class PeakRss:
     """Peak resident memory of this process and all its descendants (Ray workers, DVC, stages)."""
@@ -213,7 +215,7 @@ def distill6_section(profile: str) -> dict[str, Any]:
     timing = {"teacher": {}, "dmdo": {}}
     for _ in range(2):  # alternate, so both see the same machine state; keep the best of each
         for name, model in (("teacher", teacher), ("dmdo", six)):
-            for k, v in sampling_speed(model, batch, repeats=1).items():
+            for k, v in sampling_speed(model, batch, repeats=SPEED_REPEATS).items():
                 timing[name][k] = min(v, timing[name].get(k, v)) if k.endswith("_s") else v
     speedup = {}
     for task in ("t2i", "edit"):

@@ -146,6 +146,7 @@ class Generator(nn.Module):
         self.freqs = Timesteps(FREQ_DIM, flip_sin_to_cos=True, downscale_freq_shift=0)
         self.time_embed = scalar_embedder(w, zero_init=False)
         self.extra_embed = nn.ModuleDict({n: scalar_embedder(w, zero_init=True) for n in cfg.extra_embeddings})
+        self._constant_embeddings: dict[str, tuple[tuple, torch.Tensor]] = {}
         self.text = TextEncoder(cfg)
         self.pool_proj = nn.Linear(w, w)
         # x, the source sample and its presence channel enter as one stack of channels
@@ -171,6 +172,21 @@ class Generator(nn.Module):
         v = torch.as_tensor(v, dtype=like.dtype, device=like.device).reshape(-1).expand(batch)
         return emb(self.freqs(v * TIME_SCALE).to(like.dtype))
 
+    def _extra(self, name: str, v: torch.Tensor | float, batch: int, like: torch.Tensor) -> torch.Tensor:
+        """An extra embedding; a constant one (a Python number, as a sampler passes the CFG scales)
+        is computed once and reused while no gradient is taken and its weights are unchanged (the
+        key holds the weights' in-place version counters, which optimiser steps, EMA updates and
+        ``load_state_dict`` all advance)."""
+        emb = self.extra_embed[name]
+        if torch.is_grad_enabled() or not isinstance(v, (int, float)):
+            return self._embed(emb, v, batch, like)
+        key = (float(v), like.dtype, like.device, torch.is_autocast_enabled(like.device.type),
+               tuple((p.data_ptr(), p._version) for p in emb.parameters()))
+        hit = self._constant_embeddings.get(name)
+        if hit is None or hit[0] != key:
+            hit = self._constant_embeddings[name] = (key, self._embed(emb, v, 1, like))
+        return hit[1].expand(batch, -1)
+
     def forward(self, x: torch.Tensor, t: torch.Tensor, cond: GenCondition,
                 return_features: bool = False) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
         b, c, hgt, wid = x.shape
@@ -179,10 +195,10 @@ class Generator(nn.Module):
             raise ValueError(f"text of {cond.text.shape[1]} tokens; the model takes at most {self.cfg.max_text_len}")
         ctx = self.text(cond.text)
         temb = self._embed(self.time_embed, t, b, x) + self.pool_proj(ctx.mean(1))
-        for name, emb in self.extra_embed.items():
+        for name in self.extra_embed:
             if name not in cond.extra:
                 raise ValueError(f"this model needs the extra condition {name!r}")
-            temb = temb + self._embed(emb, cond.extra[name], b, x)
+            temb = temb + self._extra(name, cond.extra[name], b, x)
         if cond.source is None:
             src, present = torch.zeros_like(x), x.new_zeros(b)
         else:

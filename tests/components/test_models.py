@@ -70,6 +70,35 @@ def test_extra_embeddings_are_zero_initialised_and_trainable():
     g2.load_state_dict(g.state_dict())
 
 
+def test_constant_scale_embeddings_are_reused_until_the_weights_change():
+    g = tiny_generator()
+    g.add_extra_embeddings(["text_scale", "image_scale"])
+    with torch.no_grad():
+        for p in g.extra_embed.parameters():
+            p.normal_(0, 0.1)
+    x, t, cond = inputs()
+    as_numbers = GenCondition(cond.text, cond.source).with_scales(4.0, 1.5)
+    as_tensors = GenCondition(cond.text, cond.source).with_scales(torch.full((3,), 4.0), torch.full((3,), 1.5))
+    with torch.no_grad():
+        ref = g(x, t, as_tensors)  # tensors: computed every call, never cached
+        assert torch.allclose(g(x, t, as_numbers), ref, atol=1e-6)
+        assert len(g._constant_embeddings) == 2
+        assert torch.allclose(g(x, t, as_numbers), ref, atol=1e-6)  # served from the cache
+        assert not torch.allclose(g(x, t, GenCondition(cond.text, cond.source).with_scales(2.0, 1.5)), ref)
+    # an optimiser step changes the weights in place: the next call recomputes
+    opt = torch.optim.SGD(g.extra_embed.parameters(), lr=0.01)
+    g(x, t, as_tensors).pow(2).sum().backward()
+    opt.step()
+    with torch.no_grad():
+        fresh = g(x, t, as_tensors)
+        assert not torch.allclose(fresh, ref)
+        assert torch.allclose(g(x, t, as_numbers), fresh, rtol=1e-5, atol=1e-5)
+        # loading other weights also invalidates it
+        g.load_state_dict({k: v.clone() for k, v in g.state_dict().items()} | {
+            "extra_embed.text_scale.linear_2.bias": torch.ones_like(g.extra_embed["text_scale"].linear_2.bias)})
+        assert torch.allclose(g(x, t, as_numbers), g(x, t, as_tensors), rtol=1e-5, atol=1e-5)
+
+
 def test_generator_samples_with_bagel_cfg_through_the_generic_sampler():
     g = tiny_generator().eval()
     x, _, cond = inputs(2)
