@@ -186,7 +186,7 @@ def run(ctx: StageContext, out_dir: Path) -> dict[str, float]:
     (out_dir / "samples").mkdir(exist_ok=True)
 
     def log(msg: str) -> None:
-        print(f"[base_eval] {msg}", flush=True)
+        print(f"[{ctx.stage or 'base_eval'}] {msg}", flush=True)
 
     ck = load_checkpoint(ctx.extra["evaluates"])
     teacher = Teacher.from_parts(ck.config, ck.tensors)

@@ -61,6 +61,7 @@ class StageContext:
     # Wraps a trainable module for data-parallel training (DDP under Ray Train).
     wrap_module: Callable[[torch.nn.Module], torch.nn.Module] = lambda m: m
     extra: dict[str, Path] = field(default_factory=dict)  # other input checkpoints by name
+    stage: str = ""  # the stage's name in dvc.yaml (for log lines)
 
 
 @dataclass

@@ -183,7 +183,7 @@ def _run_inline(ws, sd, params_model, lineage, out_dir: Path, manifest: dict[str
     ctx = StageContext(params=params_model, data_dir=ws.out_path(sd.data) if sd.data else None,
                        parent_dir=ws.out_path(sd.parent) if sd.parent else None,
                        extra={role: ws.out_path(src) for role, src in sd.inputs()
-                              if src and role in ("evaluates", "teacher")})
+                              if src and role in ("evaluates", "teacher")}, stage=sd.name)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
