@@ -28,7 +28,7 @@ from pydantic import Field, model_validator
 from components import sampling
 from components.base_data import WorldSets, load_world
 from components.gen_data import GenData
-from components.inference import Teacher, autocast
+from components.inference import Teacher, velocity_fn  # noqa: F401 (velocity_fn: the stages import it from here)
 from components.models.generator import SCALE_EMBEDDINGS, GenCondition, Generator
 from components.training import Export, StageContext, TrainParams, TrainState, set_lr
 
@@ -77,14 +77,6 @@ def copy_generator(gen: Generator, trainable: bool, scale_embeddings: bool = Tru
 
 def raw(m: torch.nn.Module) -> torch.nn.Module:
     return getattr(m, "module", m)
-
-
-def velocity_fn(gen: Generator, bf16: bool):
-    """``(x, t, cond) -> v`` in float32, under bf16 autocast when asked."""
-    def v(x: torch.Tensor, t: torch.Tensor, cond: GenCondition) -> torch.Tensor:
-        with autocast(bf16):
-            return gen(x, t, cond).float()
-    return v
 
 
 # ---------------------------------------------------------------- data

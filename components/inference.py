@@ -65,6 +65,14 @@ def autocast(enabled: bool):
     return torch.autocast("cpu", dtype=torch.bfloat16) if enabled else contextlib.nullcontext()
 
 
+def velocity_fn(gen: Generator, bf16: bool):
+    """``(x, t, cond) -> v`` in float32, under bf16 autocast when asked."""
+    def v(x: torch.Tensor, t: torch.Tensor, cond: GenCondition) -> torch.Tensor:
+        with autocast(bf16):
+            return gen(x, t, cond).float()
+    return v
+
+
 @dataclass
 class Teacher:
     autoencoder: Autoencoder
@@ -140,16 +148,12 @@ class Teacher:
 
     # ------------------------------------------------------------ generation
 
-    def _velocity(self, x: torch.Tensor, t: torch.Tensor, cond: GenCondition) -> torch.Tensor:
-        with autocast(self.bf16):
-            return self.generator(x, t, cond).float()
-
     def _sample(self, cond: GenCondition, seed: int, num_steps: int | None, cfg: sampling.CFG) -> np.ndarray:
         g = self.generator.cfg
         shape = (cond.text.shape[0], g.in_channels, g.sample_size, g.sample_size)
         noise = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
         conds = sampling.Conditions(cond, cond.without_text(), cond.without_image())
-        counter = sampling.NFECounter(self._velocity)
+        counter = sampling.NFECounter(velocity_fn(self.generator, self.bf16))
         # one autocast region for the whole chain: autocast keeps its bfloat16 copy of every weight
         # until the outermost region exits, so the weights are cast once per call, not once per pass
         # (the passes compute exactly what they did); the decoder runs in it too (its image is within
