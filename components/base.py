@@ -2,7 +2,9 @@
 
 ``source: train`` trains, in one stage:
 
-1. steps ``[0, ae_steps)``: the autoencoder (the latent space, BAGEL's VAE role);
+1. steps ``[0, ae_steps)``: the autoencoder (the latent space, BAGEL's VAE role); with
+   ``gen_space: pixel`` there is none (the generation expert draws the image itself, and
+   every step trains it);
 2. steps ``[ae_steps, steps)``: the generation expert by flow matching in that latent space
    (BAGEL's loss: MSE between the predicted velocity and ``eps - x0`` at
    ``x_t = (1 - t) x0 + t eps``, logit-normal ``t`` shifted by 3), on a mix of T2I pairs and
@@ -31,11 +33,13 @@ from pydantic import Field, model_validator
 from components import checkpoints, sampling
 from components.base_data import CAPTION_PROMPT, Rows, WorldSets, load_world
 from components.gen_data import GenData, images_to_unit
-from components.inference import Teacher, autocast
+from components.evaluation.geneval import score_geneval
+from components.inference import InputError, Teacher, autocast
 from components.models.autoencoder import Autoencoder, AutoencoderConfig
 from components.models.generator import GenCondition, Generator, GeneratorConfig
 from components.models.tokens import Tokenizer, split
 from components.models.understanding import IGNORE, Understanding, UnderstandingConfig
+from components.world.geneval_prompts import make_prompts
 from components.training import (Export, StageContext, TrainParams, TrainState, ema_update, set_lr, step_generator,
                                  warmup_lr)
 
@@ -56,12 +60,17 @@ class Params(TrainParams):
     bf16: bool = Field(True, description="bfloat16 autocast (AMX on recent CPUs)")
     data_limit: int | None = Field(None, ge=1, description="read at most this many rows per data set")
 
-    ae_steps: int = Field(300, ge=1, description="autoencoder steps, before the generation expert")
+    ae_steps: int = Field(300, ge=0, description="autoencoder steps, before the generation expert (latent space only)")
     ae_batch_size: int = Field(32, ge=1)
     ae_lr: float = Field(2e-3, gt=0)
     ae_channels: tuple[int, int] = (32, 64)
     latent_channels: int = Field(4, ge=1)
 
+    gen_space: Literal["latent", "pixel"] = Field(
+        "latent", description="latent: in the autoencoder's latent space; pixel: on the 64x64 image itself")
+    gen_prediction: Literal["velocity", "x0"] = Field(
+        "velocity", description="what the generator's last layer predicts (the loss is BAGEL's velocity MSE either way)")
+    gen_head_channels: int = Field(0, ge=0, description="0: linear un-patchify; >0: the generator's conv head")
     gen_width: int = Field(192, ge=16)
     gen_depth: int = Field(6, ge=1)
     gen_heads: int = Field(4, ge=1)
@@ -84,15 +93,26 @@ class Params(TrainParams):
     und_every: int = Field(1, ge=1, description="train the understanding expert every N steps")
 
     sample_steps: int = Field(50, ge=1, description="Euler steps of the exported sample grids")
+    probe_every: int = Field(0, ge=0, description="every N generation steps, score the EMA generator on a few "
+                                                  "GenEval-shapes prompts (metric geneval_probe; 0: off)")
+    probe_per_tag: int = Field(12, ge=1, description="probe prompts per GenEval tag (one sample each)")
+    probe_seed: int = Field(1, ge=0, description="probe prompt seed (not the benchmark's 43)")
     eval_rows: int = Field(128, ge=0, description="held-out Q&A rows scored by evaluate")
 
     @model_validator(mode="after")
     def _check(self) -> "Params":
         if self.source == "import" and not (self.import_path and self.import_md5):
             raise ValueError("source 'import' needs import_path and import_md5")
-        if self.source == "train" and self.ae_steps >= self.steps:
+        if self.source == "train" and self.ae_phase >= self.steps:
             raise ValueError(f"ae_steps ({self.ae_steps}) must be below steps ({self.steps})")
+        if self.source == "train" and self.gen_space == "latent" and self.ae_steps < 1:
+            raise ValueError("a latent-space generator needs ae_steps >= 1 to train its autoencoder")
         return self
+
+    @property
+    def ae_phase(self) -> int:
+        """Steps spent on the autoencoder: none in pixel space."""
+        return 0 if self.gen_space == "pixel" else self.ae_steps
 
 
 class Clock(torch.nn.Module):
@@ -110,11 +130,13 @@ def _raw(m: torch.nn.Module) -> torch.nn.Module:
 # ---------------------------------------------------------------- setup
 
 def build_teacher(p: Params, tok: Tokenizer) -> Teacher:
-    ae = Autoencoder(AutoencoderConfig(latent_channels=p.latent_channels, channels=p.ae_channels))
+    ae = Autoencoder(AutoencoderConfig(kind="pixel" if p.gen_space == "pixel" else "conv",
+                                       latent_channels=p.latent_channels, channels=p.ae_channels))
     gen = Generator(GeneratorConfig(
-        vocab_size=len(tok), pad_id=tok.pad_id, max_text_len=p.max_text_len, in_channels=p.latent_channels,
+        vocab_size=len(tok), pad_id=tok.pad_id, max_text_len=p.max_text_len, in_channels=ae.cfg.sample_channels,
         sample_size=ae.cfg.latent_size, patch_size=p.gen_patch, width=p.gen_width, depth=p.gen_depth,
-        heads=p.gen_heads, text_layers=p.gen_text_layers))
+        heads=p.gen_heads, text_layers=p.gen_text_layers, prediction=p.gen_prediction,
+        head_channels=p.gen_head_channels))
     und = Understanding(UnderstandingConfig(
         vocab_size=len(tok), pad_id=tok.pad_id, sep_id=tok.sep_id, eos_id=tok.eos_id, hidden=p.und_hidden,
         layers=p.und_layers, heads=p.und_heads, kv_heads=p.und_kv_heads, intermediate=p.und_intermediate,
@@ -142,13 +164,16 @@ def setup(ctx: StageContext) -> TrainState:
     ema = Generator(teacher.generator.cfg)
     ema.load_state_dict(teacher.generator.state_dict())
     ema.requires_grad_(False)
-    modules = {"autoencoder": ctx.wrap_module(teacher.autoencoder), "generator": ctx.wrap_module(teacher.generator),
+    pixel = p.gen_space == "pixel"  # no autoencoder to train (the identity has no weights)
+    modules = {"autoencoder": teacher.autoencoder if pixel else ctx.wrap_module(teacher.autoencoder),
+               "generator": ctx.wrap_module(teacher.generator),
                "generator_ema": ema, "understanding": ctx.wrap_module(teacher.understanding), "clock": Clock()}
     optimizers = {
-        "ae": torch.optim.AdamW(modules["autoencoder"].parameters(), lr=p.ae_lr, weight_decay=0.0),
         "gen": torch.optim.AdamW(modules["generator"].parameters(), lr=p.lr, weight_decay=0.0),
         "und": torch.optim.AdamW(modules["understanding"].parameters(), lr=p.und_lr, weight_decay=0.01),
     }
+    if not pixel:
+        optimizers["ae"] = torch.optim.AdamW(modules["autoencoder"].parameters(), lr=p.ae_lr, weight_decay=0.0)
     data = {"world": world, "gen_text": {}, "und": _und_rows(world, teacher)}
     return TrainState(modules, optimizers, data, extra={"params": p, "rank": ctx.rank, "teacher": teacher})
 
@@ -186,16 +211,44 @@ def train_step(state: TrainState, step: int) -> dict[str, float]:
     t0 = time.time()
     g = step_generator(p.seed, step, state.extra["rank"])
     metrics: dict[str, float] = {}
-    if step < p.ae_steps:
+    if step < p.ae_phase:
         metrics.update(_ae_step(state, step, g))
     else:
-        metrics.update(_gen_step(state, step - p.ae_steps, g))
+        metrics.update(_gen_step(state, step - p.ae_phase, g))
     if state.data["und"] is not None and step % p.und_every == 0:
         metrics.update(_und_step(state, step // p.und_every, g))
     clock = state.modules["clock"].seconds
     clock += time.time() - t0
-    metrics["train_s"] = float(clock)
+    metrics["train_s"] = float(clock)  # the probe below is monitoring, not training: not counted
+    gen_steps = step + 1 - p.ae_phase
+    if p.probe_every and gen_steps > 0 and gen_steps % p.probe_every == 0:
+        metrics["geneval_probe"] = probe_geneval(state)
     return metrics
+
+
+def probe_geneval(state: TrainState) -> float:
+    """GenEval-shapes overall of the EMA generator on ``probe_per_tag`` prompts per tag (seed
+    ``probe_seed``, one sample each, BAGEL's T2I CFG): a quality curve while training, far
+    noisier than the benchmark (each prompt moves it by 1/n). Prompts with words the
+    tokenizer lacks are skipped."""
+    p: Params = state.extra["params"]
+    modes = {name: m.training for name, m in state.modules.items()}
+    teacher = final_teacher(state)  # switches the experts to eval mode; restored below
+    try:
+        rows = []
+        for r in make_prompts(seed=p.probe_seed, n=p.probe_per_tag):
+            try:
+                teacher.text_ids([r["prompt"]])
+            except InputError:
+                continue
+            rows.append(r)
+        if not rows:
+            return math.nan
+        images = teacher.generate([r["prompt"] for r in rows], seed=p.seed, num_steps=p.sample_steps)
+        return float(score_geneval(rows, [[im] for im in images])["overall"])
+    finally:
+        for name, m in state.modules.items():
+            _raw(m).train(modes[name])
 
 
 def _ae_step(state: TrainState, step: int, g: torch.Generator) -> dict[str, float]:

@@ -6,12 +6,17 @@ runs at full resolution. The decoder is trained on slightly noised latents, so i
 small errors a sampler leaves back to clean, flat-coloured shapes. ``calibrate`` stores
 the latents' mean and standard deviation (buffers, saved with the weights) so the
 flow model works on unit-variance latents, as diffusers' ``scaling_factor`` does.
+
+``kind: pixel`` is the identity instead (no weights): the generation expert then works on the
+image itself in [-1, 1], as a pixel-space diffusion model does (see ``components/base.py``).
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
@@ -19,6 +24,7 @@ from torch import nn
 class AutoencoderConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
+    kind: Literal["conv", "pixel"] = Field("conv", description="conv: the latent autoencoder; pixel: identity")
     image_size: int = Field(64, ge=8)
     latent_channels: int = Field(4, ge=1)
     channels: tuple[int, int] = (32, 64)   # at 1/2 and 1/4 resolution
@@ -26,7 +32,12 @@ class AutoencoderConfig(BaseModel):
 
     @property
     def latent_size(self) -> int:
-        return self.image_size // 4
+        return self.image_size if self.kind == "pixel" else self.image_size // 4
+
+    @property
+    def sample_channels(self) -> int:
+        """Channels of what the generation expert draws (RGB in pixel space)."""
+        return 3 if self.kind == "pixel" else self.latent_channels
 
 
 class ResBlock(nn.Module):
@@ -45,6 +56,8 @@ class Autoencoder(nn.Module):
     def __init__(self, cfg: AutoencoderConfig):
         super().__init__()
         self.cfg = cfg
+        if cfg.kind == "pixel":
+            return
         c1, c2 = cfg.channels
         z = cfg.latent_channels
         self.encoder = nn.Sequential(
@@ -66,18 +79,26 @@ class Autoencoder(nn.Module):
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """Images in [-1, 1] -> normalised latents."""
         self.check_image(images)
+        if self.cfg.kind == "pixel":
+            return images
         return (self.encoder(images) - self.latent_mean) / self.latent_std
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Normalised latents -> images (not clamped)."""
+        if self.cfg.kind == "pixel":
+            return latents
         return self.decoder(latents * self.latent_std + self.latent_mean)
 
     @property
     def is_calibrated(self) -> bool:
+        if self.cfg.kind == "pixel":
+            return True
         return not (bool((self.latent_mean == 0).all()) and bool((self.latent_std == 1).all()))
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
         """The training loss: reconstruction (L1 + MSE) from noised latents."""
+        if self.cfg.kind == "pixel":
+            raise ValueError("the pixel-space identity has nothing to train")
         z = self.encoder(images)
         noise = torch.randn_like(z) * (self.cfg.latent_noise * z.detach().std())
         rec = self.decoder(z + noise)
@@ -88,6 +109,8 @@ class Autoencoder(nn.Module):
     @torch.no_grad()
     def calibrate(self, images: torch.Tensor) -> None:
         """Set the latent normalisation from a batch of images (per-channel mean and std)."""
+        if self.cfg.kind == "pixel":
+            return
         z = self.encoder(images)
         self.latent_mean.copy_(z.mean(dim=(0, 2, 3), keepdim=True))
         self.latent_std.copy_(z.std(dim=(0, 2, 3), keepdim=True).clamp_min(1e-6))

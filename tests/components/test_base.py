@@ -121,3 +121,31 @@ def test_trains_resumes_exports_and_loads(world, tmp_path):
         run_training(base, StageContext(base.Params(source="import", import_path=str(tmp_path / "ckpt"),
                                                     import_md5="0" * 32 + ".dir", steps=1), None, None),
                      LocalReporter(tmp_path / "d"))
+
+
+def test_pixel_space_x0_generator_trains_every_step_exports_and_loads(world, tmp_path):
+    """gen_space pixel: no autoencoder phase, the generator draws RGB and predicts x0; the checkpoint
+    reloads to the same images."""
+    torch.set_num_threads(1)
+    with pytest.raises(ValueError, match="ae_steps"):
+        base.Params(**{**TINY, "ae_steps": 0})  # a latent generator needs its autoencoder
+    state = run_training(base, ctx(world, gen_space="pixel", gen_prediction="x0", gen_patch=8, ae_steps=0,
+                                   gen_head_channels=4, probe_every=3, probe_per_tag=2),
+                         LocalReporter(tmp_path / "a"))
+    hist = state.extra["history"]
+    assert all("gen_loss" in h and "ae_l1" not in h for h in hist) and len(hist) == TINY["steps"]
+    # the quality probe ran at generation steps 3 and 6, and left the experts in training mode
+    probes = [h["geneval_probe"] for h in hist if "geneval_probe" in h]
+    assert [h["step"] for h in hist if "geneval_probe" in h] == [3, 6] and all(0 <= v <= 1 for v in probes)
+    assert state.modules["generator"].training and state.modules["understanding"].training
+    gen = state.modules["generator"]
+    assert gen.cfg.in_channels == 3 and gen.cfg.sample_size == 64 and gen.cfg.prediction == "x0"
+    assert gen.cfg.head_channels == 4
+    assert list(state.modules["autoencoder"].parameters()) == [] and "ae" not in state.optimizers
+    exp = base.export(state)
+    md5 = checkpoints.save_checkpoint(tmp_path / "ckpt", exp.tensors, exp.config, {"stage": "base"}, exp.samples)
+    teacher = Teacher.load(tmp_path / "ckpt", md5)
+    img = teacher.generate(["a photo of a red circle"], num_steps=4)
+    assert img.shape == (1, 64, 64, 3)
+    assert np.array_equal(base.final_teacher(state).generate(["a photo of a red circle"], num_steps=4), img)
+    assert teacher.edit(img, ["make the circle blue"], num_steps=4).shape == (1, 64, 64, 3)

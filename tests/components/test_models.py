@@ -52,6 +52,49 @@ def test_fresh_generator_predicts_zero_velocity():
     assert torch.count_nonzero(g(x, t, cond)) == 0  # zero-initialised output layer
 
 
+def test_x0_prediction_is_returned_as_the_velocity_of_its_clean_sample():
+    """prediction x0: forward gives v = (x_t - x0_hat) / max(t, t_min); the same weights read as a
+    velocity model give x0_hat itself."""
+    g = tiny_generator(prediction="x0")
+    x, _, cond = inputs()
+    t = torch.tensor([0.5, 0.02, 1.0])
+    raw = tiny_generator()  # same seed and init: the velocity-output twin computes x0_hat
+    raw.load_state_dict(g.state_dict())
+    x0_hat = raw(x, t, cond)
+    v = g(x, t, cond)
+    expect = (x - x0_hat) / torch.tensor([0.5, 0.05, 1.0]).view(3, 1, 1, 1)
+    assert torch.allclose(v, expect, atol=1e-5)
+    # following that velocity from t to 0 lands on the predicted clean sample
+    assert torch.allclose(x[0] - 0.5 * v[0], x0_hat[0], atol=1e-5)
+
+
+def test_conv_head_starts_at_zero_and_lets_neighbouring_patches_interact():
+    g = Generator(GeneratorConfig(**{**TINY_GEN, "head_channels": 4}))
+    x, t, cond = inputs()
+    assert torch.count_nonzero(g(x, t, cond)) == 0
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for blk in g.blocks:
+            blk.ada.weight.normal_(0, 0.05)
+        g.proj_out.weight.normal_(0, 0.05)
+        g.head[-1].weight.normal_(0, 0.05)
+    # a change of x inside one 2x2 patch reaches the pixels across its border through the convolutions
+    # only (attention is off: a single block whose attention output is zeroed)
+    g2 = Generator(GeneratorConfig(**{**TINY_GEN, "head_channels": 4, "depth": 1}))
+    g2.load_state_dict({k: v for k, v in g.state_dict().items() if not k.startswith("blocks.1") and not k.startswith("blocks.2")})
+    with torch.no_grad():
+        g2.blocks[0].proj.weight.zero_()
+        g2.blocks[0].proj.bias.zero_()
+    x2 = x.clone()
+    x2[:, :, 0:2, 0:2] += 1.0
+    diff = (g2(x2, t, cond) - g2(x, t, cond)).abs().sum(dim=(0, 1))
+    assert diff[2, 0] > 0 and diff[0, 2] > 0  # the neighbouring patch's first pixels moved
+    assert diff[5:, 5:].sum() == 0  # far pixels did not (the head sees 3 pixels around)
+    loss = g(x, t, cond).pow(2).mean()
+    loss.backward()
+    assert g.head[0].weight.grad.abs().sum() > 0 and g.proj_out.weight.grad.abs().sum() > 0
+
+
 def test_extra_embeddings_are_zero_initialised_and_trainable():
     g = tiny_generator()
     x, t, cond = inputs()
@@ -131,6 +174,19 @@ def test_autoencoder_round_trip_shapes_and_calibration():
     assert z.shape == (4, 4, 16, 16)
     assert z.mean(dim=(0, 2, 3)).abs().max() < 1e-4 and (z.std(dim=(0, 2, 3)) - 1).abs().max() < 1e-3
     assert ae.decode(z).shape == imgs.shape
+    with pytest.raises(ValueError, match="64, 64"):
+        ae.encode(torch.zeros(1, 3, 32, 32))
+
+
+def test_pixel_autoencoder_is_the_identity_without_weights():
+    ae = Autoencoder(AutoencoderConfig(kind="pixel"))
+    imgs = torch.rand(2, 3, 64, 64) * 2 - 1
+    assert list(ae.parameters()) == [] and ae.state_dict() == {} and ae.is_calibrated
+    assert ae.cfg.latent_size == 64 and ae.cfg.sample_channels == 3
+    ae.calibrate(imgs)
+    assert torch.equal(ae.encode(imgs), imgs) and torch.equal(ae.decode(imgs), imgs)
+    with pytest.raises(ValueError, match="nothing to train"):
+        ae(imgs)
     with pytest.raises(ValueError, match="64, 64"):
         ae.encode(torch.zeros(1, 3, 32, 32))
 
