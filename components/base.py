@@ -181,12 +181,12 @@ def setup(ctx: StageContext) -> TrainState:
 def _setup_import(ctx: StageContext) -> TrainState:
     p: Params = ctx.params
     path = ctx.extra.get("import") or Path(str(p.import_path))
-    if "://" in str(path):
-        raise ValueError(f"import_path {path} is remote: fetch it to a local directory first")
+    if "://" in str(path) or str(path).startswith("models:/"):
+        raise ValueError(f"import_path {path} is remote: the stage runner fetches it (tasks/stage_exec.py)")
     ckpt = checkpoints.load_checkpoint(Path(path), p.import_md5)
     teacher = Teacher.from_parts(ckpt.config, ckpt.tensors)
     teacher.bf16 = p.bf16
-    lineage = {"path": str(path), "md5": p.import_md5,
+    lineage = {"path": str(p.import_path), "md5": p.import_md5,
                **{k: ckpt.manifest.get(k) for k in ("stage", "profile", "git_sha", "params_hash", "mlflow_run_id",
                                                      "prefect_flow_run_id", "data", "parent")}}
     metrics = ckpt.manifest.get("metrics") or {}

@@ -157,12 +157,15 @@ def _run_train(ws, sd, params, lineage, pipeline, c, run_id, manifest, out_dir, 
     inputs = "-".join((lineage[r] or {}).get("md5", "none")[:8] for r in ("parent", "teacher", "data"))
     run_name = f"{ws.profile}-{sd.name}-{phash[:8]}-{inputs}"
     with tempfile.TemporaryDirectory(prefix=f"{sd.name}-", dir=ws.state) as work:
+        extra = {"teacher": ws.out_path(sd.teacher)} if sd.teacher else {}
+        if params.get("source") == "import" and params.get("import_path"):
+            extra["import"] = fetch_import(ws, c, str(params["import_path"]), Path(work) / "import")
         res = run_train_stage(
             stage=sd.name, module=sd.module, params=params,
             data_dir=ws.out_path(sd.data) if sd.data else None,
             parent_dir=ws.out_path(sd.parent) if sd.parent else None,
             compute=pipeline.compute_for(sd.name), run_name=run_name, state=ws.state, workdir=Path(work),
-            extra={"teacher": ws.out_path(sd.teacher)} if sd.teacher else None)
+            extra=extra or None)
         tracking.log_history(c, run_id, res.history)
         manifest.update({"metrics": res.metrics, "ray_run": res.ray_run, "history": res.history})
         exp = checkpoints.load_checkpoint(res.export_dir)
@@ -174,6 +177,32 @@ def _run_train(ws, sd, params, lineage, pipeline, c, run_id, manifest, out_dir, 
             samples = {p.stem: np.asarray(Image.open(p).convert("RGB")) for p in sorted(sdir.glob("*.png"))}
         checkpoints.save_checkpoint(out_dir, exp.tensors, exp.config, manifest, samples)
     return res.metrics
+
+
+def fetch_import(ws, c, source: str, dest: Path) -> Path:
+    """The local folder of a stage's ``import_path``: a folder (relative paths are read from the
+    project, so every profile's workspace finds it), ``s3://bucket/prefix`` (downloaded with
+    boto3) or ``models:/NAME@ALIAS`` / ``models:/NAME/VERSION`` (the registered version's
+    checkpoint, from MLflow). The stage checks it against ``import_md5`` before reading it."""
+    if source.startswith("models:/"):
+        from tasks import registry
+
+        return registry.download_checkpoint(c, registry.resolve(c, source), dest)
+    if source.startswith("s3://"):
+        from tasks.batches import S3Source
+
+        parent, _, name = source.rstrip("/").rpartition("/")
+        if not name or parent in ("s3:/", "s3:"):
+            raise ValueError(f"import_path {source!r}: give s3://bucket/prefix/of/the/checkpoint")
+        out = S3Source(parent).fetch(name, dest)
+        if not any(out.iterdir()):
+            raise FileNotFoundError(f"import_path {source!r}: no objects under that prefix")
+        return out
+    path = Path(source).expanduser()
+    path = path if path.is_absolute() else ws.project / path
+    if not path.is_dir():
+        raise FileNotFoundError(f"import_path {source!r}: no checkpoint folder at {path}")
+    return path
 
 
 def _run_inline(ws, sd, params_model, lineage, out_dir: Path, manifest: dict[str, Any]) -> dict[str, float]:
