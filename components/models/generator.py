@@ -183,7 +183,7 @@ class Generator(nn.Module):
             last = self.head[-1]
         else:
             last = self.proj_out = nn.Linear(w, p * p * c)
-        nn.init.zeros_(last.weight)  # a fresh model predicts zero
+        nn.init.zeros_(last.weight)  # the last layer starts at zero (velocity output: v = 0)
         nn.init.zeros_(last.bias)
 
     def add_extra_embeddings(self, names: list[str]) -> None:
