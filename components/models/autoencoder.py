@@ -13,10 +13,10 @@ image itself in [-1, 1], as a pixel-space diffusion model does (see ``components
 
 from __future__ import annotations
 
-import torch
-import torch.nn.functional as F
 from typing import Literal
 
+import torch
+import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
