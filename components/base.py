@@ -235,13 +235,10 @@ def probe_geneval(state: TrainState) -> float:
     modes = {name: m.training for name, m in state.modules.items()}
     teacher = final_teacher(state)  # switches the experts to eval mode; restored below
     try:
-        rows = []
-        for r in make_prompts(seed=p.probe_seed, n=p.probe_per_tag):
-            try:
-                teacher.text_ids([r["prompt"]])
-            except InputError:
-                continue
-            rows.append(r)
+        rows = state.extra.get("probe_rows")
+        if rows is None:  # drawn and checked against the vocabulary once per run
+            rows = state.extra["probe_rows"] = [r for r in make_prompts(seed=p.probe_seed, n=p.probe_per_tag)
+                                                if _known(teacher, r["prompt"])]
         if not rows:
             return math.nan
         images = teacher.generate([r["prompt"] for r in rows], seed=p.seed, num_steps=p.sample_steps)
@@ -249,6 +246,14 @@ def probe_geneval(state: TrainState) -> float:
     finally:
         for name, m in state.modules.items():
             _raw(m).train(modes[name])
+
+
+def _known(teacher: Teacher, prompt: str) -> bool:
+    try:
+        teacher.text_ids([prompt])
+    except InputError:
+        return False
+    return True
 
 
 def _ae_step(state: TrainState, step: int, g: torch.Generator) -> dict[str, float]:
