@@ -3,8 +3,8 @@
 ``source: train`` trains, in one stage:
 
 1. steps ``[0, ae_steps)``: the autoencoder (the latent space, BAGEL's VAE role); with
-   ``gen_space: pixel`` there is none (the generation expert draws the image itself, and
-   every step trains it);
+   ``gen_space: pixel`` there is none (the generation expert draws the image itself, at
+   ``64 / gen_pixel_factor`` pixels per side, and every step trains it);
 2. steps ``[ae_steps, steps)``: the generation expert by flow matching in that latent space
    (BAGEL's loss: MSE between the predicted velocity and ``eps - x0`` at
    ``x_t = (1 - t) x0 + t eps``, logit-normal ``t`` shifted by 3), on a mix of T2I pairs and
@@ -35,7 +35,7 @@ from components.base_data import CAPTION_PROMPT, Rows, WorldSets, load_world
 from components.gen_data import GenData, images_to_unit
 from components.evaluation.geneval import score_geneval
 from components.inference import InputError, Teacher, autocast
-from components.models.autoencoder import Autoencoder, AutoencoderConfig
+from components.models.autoencoder import AutoencoderConfig, SampleSpace, make_autoencoder
 from components.models.generator import GenCondition, Generator, GeneratorConfig
 from components.models.tokens import Tokenizer, split
 from components.models.understanding import IGNORE, Understanding, UnderstandingConfig
@@ -67,7 +67,9 @@ class Params(TrainParams):
     latent_channels: int = Field(4, ge=1)
 
     gen_space: Literal["latent", "pixel"] = Field(
-        "latent", description="latent: in the autoencoder's latent space; pixel: on the 64x64 image itself")
+        "latent", description="latent: in the autoencoder's latent space; pixel: on the image itself")
+    gen_pixel_factor: int = Field(1, ge=1, le=4, description="pixel space: the generator draws at 64 / this per "
+                                                             "side, scaled up bicubically (2: 32x32)")
     gen_prediction: Literal["velocity", "x0"] = Field(
         "velocity", description="what the generator's last layer predicts (the loss is BAGEL's velocity MSE either way)")
     gen_head_channels: int = Field(0, ge=0, description="0: linear un-patchify; >0: the generator's conv head")
@@ -88,6 +90,7 @@ class Params(TrainParams):
     und_kv_heads: int = Field(2, ge=1)
     und_intermediate: int = Field(384, ge=16)
     und_grid: int = Field(8, ge=1)
+    und_encoder: Literal["patch", "resnet"] = Field("patch", description="the understanding expert's image encoder")
     und_batch_size: int = Field(32, ge=1)
     und_lr: float = Field(1e-3, gt=0)
     und_every: int = Field(1, ge=1, description="train the understanding expert every N steps")
@@ -130,8 +133,9 @@ def _raw(m: torch.nn.Module) -> torch.nn.Module:
 # ---------------------------------------------------------------- setup
 
 def build_teacher(p: Params, tok: Tokenizer) -> Teacher:
-    ae = Autoencoder(AutoencoderConfig(kind="pixel" if p.gen_space == "pixel" else "conv",
-                                       latent_channels=p.latent_channels, channels=p.ae_channels))
+    ae = make_autoencoder(AutoencoderConfig(kind="pixel" if p.gen_space == "pixel" else "conv",
+                                            latent_channels=p.latent_channels, channels=p.ae_channels,
+                                            pixel_factor=p.gen_pixel_factor if p.gen_space == "pixel" else 1))
     gen = Generator(GeneratorConfig(
         vocab_size=len(tok), pad_id=tok.pad_id, max_text_len=p.max_text_len, in_channels=ae.cfg.sample_channels,
         sample_size=ae.cfg.latent_size, patch_size=p.gen_patch, width=p.gen_width, depth=p.gen_depth,
@@ -140,7 +144,7 @@ def build_teacher(p: Params, tok: Tokenizer) -> Teacher:
     und = Understanding(UnderstandingConfig(
         vocab_size=len(tok), pad_id=tok.pad_id, sep_id=tok.sep_id, eos_id=tok.eos_id, hidden=p.und_hidden,
         layers=p.und_layers, heads=p.und_heads, kv_heads=p.und_kv_heads, intermediate=p.und_intermediate,
-        grid=p.und_grid))
+        grid=p.und_grid, encoder=p.und_encoder))
     return Teacher(ae, gen, und, tok, bf16=p.bf16)
 
 
@@ -164,15 +168,15 @@ def setup(ctx: StageContext) -> TrainState:
     ema = Generator(teacher.generator.cfg)
     ema.load_state_dict(teacher.generator.state_dict())
     ema.requires_grad_(False)
-    pixel = p.gen_space == "pixel"  # no autoencoder to train (the identity has no weights)
-    modules = {"autoencoder": teacher.autoencoder if pixel else ctx.wrap_module(teacher.autoencoder),
+    trainable = teacher.autoencoder.trainable  # the pixel space has no weights
+    modules = {"autoencoder": ctx.wrap_module(teacher.autoencoder) if trainable else teacher.autoencoder,
                "generator": ctx.wrap_module(teacher.generator),
                "generator_ema": ema, "understanding": ctx.wrap_module(teacher.understanding), "clock": Clock()}
     optimizers = {
         "gen": torch.optim.AdamW(modules["generator"].parameters(), lr=p.lr, weight_decay=0.0),
         "und": torch.optim.AdamW(modules["understanding"].parameters(), lr=p.und_lr, weight_decay=0.01),
     }
-    if not pixel:
+    if trainable:
         optimizers["ae"] = torch.optim.AdamW(modules["autoencoder"].parameters(), lr=p.ae_lr, weight_decay=0.0)
     data = {"world": world, "gen_text": {}, "und": _und_rows(world, teacher)}
     return TrainState(modules, optimizers, data, extra={"params": p, "rank": ctx.rank, "teacher": teacher})
@@ -277,7 +281,7 @@ def _gen_data(state: TrainState) -> GenData:
     if data is not None:
         return data
     p: Params = state.extra["params"]
-    ae: Autoencoder = _raw(state.modules["autoencoder"])
+    ae: SampleSpace = _raw(state.modules["autoencoder"])
     world = state.data["world"]
     if not ae.is_calibrated:
         ae.calibrate(images_to_unit(world.t2i.images[:CALIBRATION_IMAGES]))

@@ -16,7 +16,7 @@ import torch
 
 from components.base_data import WorldSets
 from components.inference import autocast
-from components.models.autoencoder import Autoencoder
+from components.models.autoencoder import SampleSpace
 from components.models.generator import GenCondition
 
 ENCODE_BATCH = 256
@@ -41,7 +41,7 @@ class GenData:
         return self.edit_src is not None and len(self.edit_src) > 0
 
     @classmethod
-    def build(cls, world: WorldSets, autoencoder: Autoencoder, text_ids: Callable[[list[str]], torch.Tensor],
+    def build(cls, world: WorldSets, autoencoder: SampleSpace, text_ids: Callable[[list[str]], torch.Tensor],
               pad_id: int, bf16: bool = True) -> "GenData":
         autoencoder.eval()
 

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from components import checkpoints, sampling
-from components.models.autoencoder import Autoencoder, AutoencoderConfig
+from components.models.autoencoder import AutoencoderConfig, SampleSpace, make_autoencoder
 from components.models.generator import SCALE_EMBEDDINGS, GenCondition, Generator, GeneratorConfig
 from components.models.understanding import Understanding, UnderstandingConfig
 from components.models.tokens import Tokenizer, UnknownWordError
@@ -75,7 +75,7 @@ def velocity_fn(gen: Generator, bf16: bool):
 
 @dataclass
 class Teacher:
-    autoencoder: Autoencoder
+    autoencoder: SampleSpace
     generator: Generator
     understanding: Understanding
     tokenizer: Tokenizer
@@ -111,7 +111,7 @@ class Teacher:
         if config.get("format") != FORMAT:
             raise InputError(f"not a base-model checkpoint (format {config.get('format')!r}, expected {FORMAT!r})")
         tok = Tokenizer.from_tokens(config["vocab"])
-        t = cls(Autoencoder(AutoencoderConfig(**config["autoencoder"])),
+        t = cls(make_autoencoder(AutoencoderConfig(**config["autoencoder"])),
                 Generator(GeneratorConfig(**config["generator"])),
                 Understanding(UnderstandingConfig(**config["understanding"])), tok,
                 sampler=dict(config.get("sampler") or TEACHER_SAMPLER))

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from components import sampling as S
-from components.models.autoencoder import Autoencoder, AutoencoderConfig
+from components.models.autoencoder import Autoencoder, AutoencoderConfig, PixelSpace, make_autoencoder
 from components.models.generator import GenCondition, Generator, GeneratorConfig
 from components.models.understanding import IGNORE, Understanding, UnderstandingConfig
 
@@ -178,9 +178,10 @@ def test_autoencoder_round_trip_shapes_and_calibration():
         ae.encode(torch.zeros(1, 3, 32, 32))
 
 
-def test_pixel_autoencoder_is_the_identity_without_weights():
-    ae = Autoencoder(AutoencoderConfig(kind="pixel"))
+def test_pixel_space_is_the_identity_without_weights():
+    ae = make_autoencoder(AutoencoderConfig(kind="pixel"))
     imgs = torch.rand(2, 3, 64, 64) * 2 - 1
+    assert isinstance(ae, PixelSpace) and not ae.trainable
     assert list(ae.parameters()) == [] and ae.state_dict() == {} and ae.is_calibrated
     assert ae.cfg.latent_size == 64 and ae.cfg.sample_channels == 3
     ae.calibrate(imgs)
@@ -189,21 +190,41 @@ def test_pixel_autoencoder_is_the_identity_without_weights():
         ae(imgs)
     with pytest.raises(ValueError, match="64, 64"):
         ae.encode(torch.zeros(1, 3, 32, 32))
+    with pytest.raises(ValueError, match="make_autoencoder"):
+        Autoencoder(AutoencoderConfig(kind="pixel"))
+
+
+def test_pixel_space_at_half_resolution_averages_down_and_scales_back_up():
+    ae = make_autoencoder(AutoencoderConfig(kind="pixel", pixel_factor=2))
+    assert ae.cfg.latent_size == 32
+    imgs = torch.zeros(1, 3, 64, 64)
+    imgs[:, 0, :32] = 1.0  # top half red channel on, bottom off
+    z = ae.encode(imgs)
+    assert z.shape == (1, 3, 32, 32)
+    assert torch.equal(z[:, 0, :16], torch.ones(1, 16, 32)) and torch.equal(z[:, 0, 16:], torch.zeros(1, 16, 32))
+    rec = ae.decode(z)
+    assert rec.shape == imgs.shape
+    # flat regions come back exactly; only the rows next to the edge are interpolated
+    assert torch.allclose(rec[:, 0, :28], imgs[:, 0, :28]) and torch.allclose(rec[:, 0, 36:], imgs[:, 0, 36:])
+    with pytest.raises(ValueError, match="multiple"):
+        AutoencoderConfig(kind="pixel", image_size=66, pixel_factor=4)
 
 
 TINY_UND = dict(vocab_size=30, sep_id=1, eos_id=2, hidden=32, layers=2, heads=2, kv_heads=1, intermediate=64,
                 encoder_channels=(8, 16))
 
 
-def test_understanding_loss_ignores_prefix_and_question():
+@pytest.mark.parametrize("encoder", ["patch", "resnet"])
+def test_understanding_loss_ignores_prefix_and_question(encoder):
     torch.manual_seed(0)
-    m = Understanding(UnderstandingConfig(**TINY_UND))
+    m = Understanding(UnderstandingConfig(**TINY_UND, encoder=encoder))
     ids = torch.tensor([[5, 6, 1, 9, 2], [7, 1, 8, 2, 0]])
     labels = torch.tensor([[IGNORE, IGNORE, IGNORE, 9, 2], [IGNORE, IGNORE, 8, 2, IGNORE]])
     loss = m(torch.randn(2, 3, 64, 64), ids, labels)
     assert loss.item() == pytest.approx(torch.log(torch.tensor(30.0)).item(), rel=0.2)
     loss.backward()
     assert m.encoder.net[0].weight.grad.abs().sum() > 0
+    assert m.encoder(torch.zeros(3, 3, 64, 64)).shape == (3, m.n_image_tokens, 32)
 
 
 def test_understanding_kv_cache_generation_matches_recomputation():
