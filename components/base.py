@@ -90,7 +90,6 @@ class Params(TrainParams):
     und_kv_heads: int = Field(2, ge=1)
     und_intermediate: int = Field(384, ge=16)
     und_grid: int = Field(8, ge=1)
-    und_encoder: Literal["patch", "resnet"] = Field("patch", description="the understanding expert's image encoder")
     und_batch_size: int = Field(32, ge=1)
     und_lr: float = Field(1e-3, gt=0)
     und_every: int = Field(1, ge=1, description="train the understanding expert every N steps")
@@ -144,7 +143,7 @@ def build_teacher(p: Params, tok: Tokenizer) -> Teacher:
     und = Understanding(UnderstandingConfig(
         vocab_size=len(tok), pad_id=tok.pad_id, sep_id=tok.sep_id, eos_id=tok.eos_id, hidden=p.und_hidden,
         layers=p.und_layers, heads=p.und_heads, kv_heads=p.und_kv_heads, intermediate=p.und_intermediate,
-        grid=p.und_grid, encoder=p.und_encoder))
+        grid=p.und_grid))
     return Teacher(ae, gen, und, tok, bf16=p.bf16)
 
 

@@ -1,8 +1,7 @@
 """The understanding expert: a deep, narrow Qwen2 causal LM reading image patches as a prefix.
 
 Sequence: ``[image tokens] [question ids] [sep] [answer ids] [eos]``. A small conv encoder
-(``encoder``: ``patch`` or the deeper ``resnet``) turns the 64x64 image into ``grid x grid``
-patch embeddings (with learned positions) that
+turns the 64x64 image into ``grid x grid`` patch embeddings (with learned positions) that
 enter the LM as ``inputs_embeds``; the loss is next-token cross-entropy on the answer and
 ``eos`` only. Greedy decoding runs a prefill and then one token at a time on the LM's
 KV cache (``past_key_values``), with left padding so questions of different lengths batch.
@@ -13,8 +12,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from typing import Literal
-
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 from transformers import Qwen2Config, Qwen2ForCausalLM
@@ -38,9 +35,6 @@ class UnderstandingConfig(BaseModel):
     image_size: int = Field(64, ge=16)
     grid: int = Field(8, ge=1, description="image tokens per side")
     encoder_channels: tuple[int, int] = (32, 64)
-    encoder: Literal["patch", "resnet"] = Field(
-        "patch", description="patch: two strided convs and one conv per patch; resnet: residual blocks with group "
-                             "norm at 1, 1/2 and 1/4 resolution, then down to the grid")
 
     def lm_config(self) -> Qwen2Config:
         return Qwen2Config(vocab_size=self.vocab_size, hidden_size=self.hidden, intermediate_size=self.intermediate,
@@ -70,45 +64,11 @@ class PatchEncoder(nn.Module):
         return self.net(images).flatten(2).transpose(1, 2) + self.pos
 
 
-class _Res(nn.Module):
-    def __init__(self, ch: int):
-        super().__init__()
-        self.body = nn.Sequential(nn.GroupNorm(8, ch), nn.SiLU(), nn.Conv2d(ch, ch, 3, padding=1),
-                                  nn.GroupNorm(8, ch), nn.SiLU(), nn.Conv2d(ch, ch, 3, padding=1))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.body(x)
-
-
-class ResNetEncoder(nn.Module):
-    """64x64 RGB -> (B, grid*grid, hidden) through residual blocks at full, 1/2 and 1/4 resolution:
-    enough depth at full resolution to tell a shape's corners and points apart (the patch encoder
-    reaches a shape's outline only after two strided convolutions)."""
-
-    def __init__(self, cfg: UnderstandingConfig):
-        super().__init__()
-        c1, c2 = cfg.encoder_channels
-        quarter = cfg.image_size // 4
-        if quarter % cfg.grid:
-            raise ValueError(f"grid {cfg.grid} must divide image_size / 4 = {quarter}")
-        k = quarter // cfg.grid
-        self.net = nn.Sequential(nn.Conv2d(3, c1, 3, padding=1), _Res(c1),
-                                 nn.Conv2d(c1, c1, 4, stride=2, padding=1), _Res(c1),
-                                 nn.Conv2d(c1, c2, 4, stride=2, padding=1), _Res(c2), _Res(c2),
-                                 nn.Conv2d(c2, c2, 2 * k, stride=k, padding=k // 2) if k > 1
-                                 else nn.Conv2d(c2, c2, 3, padding=1), _Res(c2),
-                                 nn.GroupNorm(8, c2), nn.SiLU(), nn.Conv2d(c2, cfg.hidden, 1))
-        self.pos = nn.Parameter(torch.randn(1, cfg.grid * cfg.grid, cfg.hidden) * 0.02)
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.net(images).flatten(2).transpose(1, 2) + self.pos
-
-
 class Understanding(nn.Module):
     def __init__(self, cfg: UnderstandingConfig):
         super().__init__()
         self.cfg = cfg
-        self.encoder = ResNetEncoder(cfg) if cfg.encoder == "resnet" else PatchEncoder(cfg)
+        self.encoder = PatchEncoder(cfg)
         self.lm = Qwen2ForCausalLM(cfg.lm_config())
 
     @property
