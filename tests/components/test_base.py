@@ -123,14 +123,15 @@ def test_trains_resumes_exports_and_loads(world, tmp_path):
                      LocalReporter(tmp_path / "d"))
 
 
-def test_pixel_space_x0_generator_trains_every_step_exports_and_loads(world, tmp_path):
-    """gen_space pixel: no autoencoder phase, the generator draws RGB and predicts x0; the checkpoint
-    reloads to the same images."""
+@pytest.mark.parametrize("factor,patch", [(1, 8), (2, 4)])
+def test_pixel_space_x0_generator_trains_every_step_exports_and_loads(world, tmp_path, factor, patch):
+    """gen_space pixel: no autoencoder phase, the generator draws RGB (at 64 / factor per side) and
+    predicts x0; the checkpoint reloads to the same 64x64 images."""
     torch.set_num_threads(1)
     with pytest.raises(ValueError, match="ae_steps"):
         base.Params(**{**TINY, "ae_steps": 0})  # a latent generator needs its autoencoder
-    state = run_training(base, ctx(world, gen_space="pixel", gen_prediction="x0", gen_patch=8, ae_steps=0,
-                                   gen_head_channels=4, probe_every=3, probe_per_tag=2),
+    state = run_training(base, ctx(world, gen_space="pixel", gen_pixel_factor=factor, gen_prediction="x0",
+                                   gen_patch=patch, ae_steps=0, gen_head_channels=4, probe_every=3, probe_per_tag=2),
                          LocalReporter(tmp_path / "a"))
     hist = state.extra["history"]
     assert all("gen_loss" in h and "ae_l1" not in h for h in hist) and len(hist) == TINY["steps"]
@@ -139,7 +140,7 @@ def test_pixel_space_x0_generator_trains_every_step_exports_and_loads(world, tmp
     assert [h["step"] for h in hist if "geneval_probe" in h] == [3, 6] and all(0 <= v <= 1 for v in probes)
     assert state.modules["generator"].training and state.modules["understanding"].training
     gen = state.modules["generator"]
-    assert gen.cfg.in_channels == 3 and gen.cfg.sample_size == 64 and gen.cfg.prediction == "x0"
+    assert gen.cfg.in_channels == 3 and gen.cfg.sample_size == 64 // factor and gen.cfg.prediction == "x0"
     assert gen.cfg.head_channels == 4
     assert list(state.modules["autoencoder"].parameters()) == [] and "ae" not in state.optimizers
     exp = base.export(state)
