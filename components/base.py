@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from pydantic import Field, model_validator
 
 from components import checkpoints, sampling
-from components.base_data import CAPTION_PROMPT, Rows, WorldSets, load_world
+from components.base_data import CAPTION_PROMPT, Rows, WorldSets, load_world, object_cells
 from components.gen_data import GenData, images_to_unit
 from components.evaluation.geneval import score_geneval
 from components.inference import InputError, Teacher, autocast
@@ -40,6 +40,7 @@ from components.models.generator import GenCondition, Generator, GeneratorConfig
 from components.models.tokens import Tokenizer, split
 from components.models.understanding import IGNORE, Understanding, UnderstandingConfig
 from components.world.geneval_prompts import make_prompts
+from components.world.palette import CLASSES, COLOUR_NAMES
 from components.training import (Export, StageContext, TrainParams, TrainState, ema_update, set_lr, step_generator,
                                  warmup_lr)
 
@@ -90,6 +91,9 @@ class Params(TrainParams):
     und_kv_heads: int = Field(2, ge=1)
     und_intermediate: int = Field(384, ge=16)
     und_grid: int = Field(8, ge=1)
+    und_encoder: Literal["patch", "cnn"] = Field("patch", description="the understanding expert's image encoder")
+    und_object_loss: float = Field(0.0, ge=0, description="weight of the object heads' loss on the image tokens "
+                                                          "(class and colour per grid cell, from the rows' scenes)")
     und_batch_size: int = Field(32, ge=1)
     und_lr: float = Field(1e-3, gt=0)
     und_every: int = Field(1, ge=1, description="train the understanding expert every N steps")
@@ -143,7 +147,8 @@ def build_teacher(p: Params, tok: Tokenizer) -> Teacher:
     und = Understanding(UnderstandingConfig(
         vocab_size=len(tok), pad_id=tok.pad_id, sep_id=tok.sep_id, eos_id=tok.eos_id, hidden=p.und_hidden,
         layers=p.und_layers, heads=p.und_heads, kv_heads=p.und_kv_heads, intermediate=p.und_intermediate,
-        grid=p.und_grid))
+        grid=p.und_grid, encoder=p.und_encoder, object_classes=len(CLASSES) if p.und_object_loss else 0,
+        object_colours=len(COLOUR_NAMES) if p.und_object_loss else 0))
     return Teacher(ae, gen, und, tok, bf16=p.bf16)
 
 
@@ -177,7 +182,8 @@ def setup(ctx: StageContext) -> TrainState:
     }
     if trainable:
         optimizers["ae"] = torch.optim.AdamW(modules["autoencoder"].parameters(), lr=p.ae_lr, weight_decay=0.0)
-    data = {"world": world, "gen_text": {}, "und": _und_rows(world, teacher)}
+    data = {"world": world, "gen_text": {}, "und": _und_rows(world, teacher),
+            "und_objects": _und_objects(world, teacher)}
     return TrainState(modules, optimizers, data, extra={"params": p, "rank": ctx.rank, "teacher": teacher})
 
 
@@ -203,6 +209,17 @@ def _und_rows(world: WorldSets, teacher: Teacher) -> list[tuple[list[int], list[
     tok = teacher.tokenizer
     return [(teacher.prompt_ids(q), tok.encode(a) + [tok.eos_id])
             for q, a in zip(world.und_train.texts, world.und_train.answers)]
+
+
+def _und_objects(world: WorldSets, teacher: Teacher) -> dict[str, torch.Tensor] | None:
+    """The object heads' targets of every understanding row, ``{name: (N, grid*grid)}``; None without heads."""
+    und = teacher.understanding
+    if world.und_train is None or not und.object_heads:
+        return None
+    rows = world.und_train
+    scenes = rows.scenes or [None] * len(rows)
+    cells = [object_cells(s, und.cfg.grid, und.cfg.image_size, CLASSES, COLOUR_NAMES) for s in scenes]
+    return {name: torch.tensor([c[name] for c in cells], dtype=torch.long) for name in und.object_heads}
 
 
 # ---------------------------------------------------------------- training
@@ -322,8 +339,10 @@ def _gen_step(state: TrainState, step: int, g: torch.Generator) -> dict[str, flo
     return {"gen_loss": loss.item()}
 
 
-def _und_batch(state: TrainState, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Images, right-padded ``question sep answer eos`` ids, labels on the answer and eos only."""
+def _und_batch(state: TrainState, g: torch.Generator
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor] | None]:
+    """Images, right-padded ``question sep answer eos`` ids, labels on the answer and eos only, and
+    the object heads' targets (None without heads)."""
     p: Params = state.extra["params"]
     rows = state.data["und"]
     idx = torch.randint(0, len(rows), (p.und_batch_size,), generator=g)
@@ -334,20 +353,28 @@ def _und_batch(state: TrainState, g: torch.Generator) -> tuple[torch.Tensor, tor
         q, a = rows[i]
         ids[r, :len(q) + len(a)] = torch.tensor(q + a)
         labels[r, len(q):len(q) + len(a)] = torch.tensor(a)
-    return images_to_unit(state.data["world"].und_train.images[idx]), ids, labels
+    objects = state.data.get("und_objects")
+    objects = {name: t[idx] for name, t in objects.items()} if objects is not None else None
+    return images_to_unit(state.data["world"].und_train.images[idx]), ids, labels, objects
 
 
 def _und_step(state: TrainState, step: int, g: torch.Generator) -> dict[str, float]:
     p: Params = state.extra["params"]
-    images, ids, labels = _und_batch(state, g)
+    images, ids, labels, objects = _und_batch(state, g)
     model, opt = state.modules["understanding"], state.optimizers["und"]
     set_lr(opt, warmup_lr(p.und_lr, step, p.warmup))
+    logs = {}
     with autocast(p.bf16):
-        loss = model(images, ids, labels)
+        if objects is None:
+            lm_loss = loss = model(images, ids, labels)
+        else:
+            lm_loss, obj = model(images, ids, labels, objects)
+            logs["und_object_loss"] = obj.item()
+            loss = lm_loss + p.und_object_loss * obj
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
-    return {"und_loss": loss.item()}
+    return {"und_loss": lm_loss.item(), **logs}
 
 
 # ---------------------------------------------------------------- export and evaluation

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from components.models.understanding import IGNORE
 from components.world.datasets import validate_dataset
 
 CAPTION_PROMPT = "describe the image in detail"
@@ -27,6 +28,7 @@ class Rows:
     texts: list[str]                        # prompt / instruction / question
     targets: torch.Tensor | None = None     # edit results (N, 3, H, W) uint8
     answers: list[str] = field(default_factory=list)
+    scenes: list[dict | None] = field(default_factory=list)  # the scene graph of each row's image, if given
 
     def __len__(self) -> int:
         return len(self.texts)
@@ -35,7 +37,8 @@ class Rows:
         pick = torch.tensor(idx, dtype=torch.long)
         return Rows(self.images[pick], [self.texts[i] for i in idx],
                     None if self.targets is None else self.targets[pick],
-                    [self.answers[i] for i in idx] if self.answers else [])
+                    [self.answers[i] for i in idx] if self.answers else [],
+                    [self.scenes[i] for i in idx] if self.scenes else [])
 
 
 @dataclass
@@ -79,16 +82,36 @@ def load_world(data_dir: Path, limit: int | None = None, heldout_fraction: float
     if (data_dir / "edit").exists():
         rows, imgs = _load(data_dir / "edit", "edit", ("input_image", "output_image"), limit)
         edit = Rows(_stack([i[0] for i in imgs]), [r["instruction"] for r in rows], _stack([i[1] for i in imgs]))
-    und: list[tuple[str, np.ndarray, str, str]] = []
+    und: list[tuple[str, np.ndarray, str, str, dict | None]] = []
     if (data_dir / "qa").exists():
         rows, imgs = _load(data_dir / "qa", "qa", ("image",), limit)
-        und += [(r["image"], i[0], r["question"], r["answer"]) for r, i in zip(rows, imgs)]
+        und += [(r["image"], i[0], r["question"], r["answer"], r.get("scene")) for r, i in zip(rows, imgs)]
     if (data_dir / "captions").exists():
         rows, imgs = _load(data_dir / "captions", "captions", ("image",), limit)
-        und += [(r["image"], i[0], CAPTION_PROMPT, r["caption"]) for r, i in zip(rows, imgs)]
+        und += [(r["image"], i[0], CAPTION_PROMPT, r["caption"], r.get("scene")) for r, i in zip(rows, imgs)]
     if not und:
         return WorldSets(t2i, edit, None, None)
-    every = Rows(_stack([u[1] for u in und]), [u[2] for u in und], answers=[u[3] for u in und])
+    every = Rows(_stack([u[1] for u in und]), [u[2] for u in und], answers=[u[3] for u in und],
+                 scenes=[u[4] for u in und])
     held = [i for i, u in enumerate(und) if _heldout(u[0], heldout_fraction)]
     train = sorted(set(range(len(und))) - set(held))
     return WorldSets(t2i, edit, every.subset(train), every.subset(held) if held else None)
+
+
+def object_cells(scene: dict | None, grid: int, size: int, classes: tuple[str, ...], colours: tuple[str, ...]
+                 ) -> dict[str, list[int]]:
+    """Per cell of a ``grid x grid`` partition of a ``size``-pixel image (row-major): the class and
+    colour index + 1 of the object whose centre lies in it, 0 where none does; IGNORE everywhere
+    when the row has no scene (the object heads then learn nothing from it)."""
+    n = grid * grid
+    if scene is None:
+        return {"cls": [IGNORE] * n, "colour": [IGNORE] * n}
+    cls, col = [0] * n, [0] * n
+    step = size / grid
+    for o in scene.get("objects", []):
+        if o.get("cls") not in classes:  # digit glyphs are not GenEval classes
+            continue
+        cell = min(grid - 1, int(o["cy"] // step)) * grid + min(grid - 1, int(o["cx"] // step))
+        cls[cell] = classes.index(o["cls"]) + 1
+        col[cell] = colours.index(o["colour"]) + 1 if o.get("colour") in colours else IGNORE
+    return {"cls": cls, "colour": col}

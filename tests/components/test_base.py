@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 from components import base, checkpoints
+from components.base_data import object_cells
 from components.inference import ImageSizeError, InputError, Teacher
 from components.training import LocalReporter, StageContext, run_training
 from components.world.datasets import WorldDataParams, build_world_data
@@ -47,7 +48,7 @@ def tiny_world(root: Path, n: int = 12) -> Path:
         for d in ("qa", "captions"):
             Image.fromarray(img).save(root / d / "images" / f"{i}.png")
         qa.append({"id": f"q{i}", "image": f"images/{i}.png", "question": "what colour is the shape?",
-                   "answer": o.colour})
+                   "answer": o.colour, **({"scene": scene.to_json()} if i % 2 == 0 else {})})
         cap.append({"id": f"c{i}", "image": f"images/{i}.png", "caption": f"there is a {o.colour} {o.cls}."})
     _write(root / "edit", "edit", edit)
     _write(root / "qa", "qa", qa)
@@ -150,3 +151,36 @@ def test_pixel_space_x0_generator_trains_every_step_exports_and_loads(world, tmp
     assert img.shape == (1, 64, 64, 3)
     assert np.array_equal(base.final_teacher(state).generate(["a photo of a red circle"], num_steps=4), img)
     assert teacher.edit(img, ["make the circle blue"], num_steps=4).shape == (1, 64, 64, 3)
+
+
+def test_object_heads_train_the_encoder_from_the_rows_scenes(world, tmp_path):
+    """und_object_loss > 0: the understanding expert gets per-cell class and colour heads, trained from
+    the scenes of the rows that have one (the others are ignored); the heads are saved and reload."""
+    torch.set_num_threads(1)
+    state = run_training(base, ctx(world, und_encoder="cnn", und_object_loss=1.0), LocalReporter(tmp_path / "a"))
+    objects = state.data["und_objects"]
+    und = state.modules["understanding"]
+    assert set(objects) == {"cls", "colour"} and objects["cls"].shape == (len(state.data["und"]), 64)
+    with_scene = (objects["cls"] != -100).all(1)
+    assert 0 < int(with_scene.sum()) < len(with_scene)  # rows without a scene carry IGNORE only
+    assert ((objects["cls"][with_scene] > 0).sum(1) == 1).all()  # one object per tiny scene, in one cell
+    hist = [h for h in state.extra["history"] if "und_object_loss" in h]
+    assert len(hist) == TINY["steps"] and all(np.isfinite(h["und_object_loss"]) for h in hist)
+    exp = base.export(state)
+    assert any(k.startswith("understanding.object_heads.cls") for k in exp.tensors)
+    md5 = checkpoints.save_checkpoint(tmp_path / "ckpt", exp.tensors, exp.config, {"stage": "base"}, exp.samples)
+    teacher = Teacher.load(tmp_path / "ckpt", md5)
+    assert teacher.understanding.cfg.encoder == "cnn" and set(teacher.understanding.object_heads) == {"cls", "colour"}
+    for a, b in zip(teacher.understanding.parameters(), und.parameters()):
+        assert torch.equal(a, b.detach())
+
+
+def test_object_cells_put_each_shape_in_the_cell_of_its_centre():
+    scene = {"objects": [{"cls": "star", "colour": "red", "cx": 3.0, "cy": 60.0, "size": 10},
+                         {"cls": "digit", "colour": "blue", "cx": 30.0, "cy": 30.0, "size": 10, "text": "7"},
+                         {"cls": "circle", "colour": "white", "cx": 63.9, "cy": 0.5, "size": 10}]}
+    cells = object_cells(scene, 8, 64, ("circle", "star"), ("red", "white"))
+    assert cells["cls"][7 * 8 + 0] == 2 and cells["colour"][7 * 8 + 0] == 1   # star, red: bottom-left cell
+    assert cells["cls"][0 * 8 + 7] == 1 and cells["colour"][0 * 8 + 7] == 2   # circle, white: top-right cell
+    assert sum(c > 0 for c in cells["cls"]) == 2  # the digit glyph is not an object class
+    assert object_cells(None, 8, 64, ("circle",), ("red",)) == {"cls": [-100] * 64, "colour": [-100] * 64}

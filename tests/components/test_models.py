@@ -226,6 +226,29 @@ def test_understanding_loss_ignores_prefix_and_question():
     assert m.encoder(torch.zeros(3, 3, 64, 64)).shape == (3, m.n_image_tokens, 32)
 
 
+def test_object_heads_add_a_loss_on_the_image_tokens_only_where_labelled():
+    torch.manual_seed(0)
+    m = Understanding(UnderstandingConfig(**TINY_UND, encoder="cnn", object_classes=6, object_colours=10))
+    images, ids = torch.randn(2, 3, 64, 64), torch.tensor([[5, 1, 9, 2], [7, 1, 8, 2]])
+    labels = torch.tensor([[IGNORE, IGNORE, 9, 2], [IGNORE, IGNORE, 8, 2]])
+    objects = {"cls": torch.zeros(2, 64, dtype=torch.long), "colour": torch.zeros(2, 64, dtype=torch.long)}
+    objects["cls"][0, 10], objects["colour"][0, 10] = 3, 4
+    objects["cls"][1], objects["colour"][1] = IGNORE, IGNORE  # a row without a scene
+    lm_loss, obj = m(images, ids, labels, objects)
+    assert torch.equal(lm_loss, m(images, ids, labels))  # the language loss is unchanged by the heads
+    assert obj.item() == pytest.approx(torch.log(torch.tensor(7.0 * 11.0)).item(), rel=0.3)  # ln 7 + ln 11
+    obj.backward()
+    assert m.encoder.net[0].weight.grad.abs().sum() > 0 and m.lm.lm_head.weight.grad is None
+    # the unlabelled row contributes nothing: changing its image leaves the loss as it was
+    other = images.clone()
+    other[1] = torch.randn(3, 64, 64)
+    assert torch.allclose(m(other, ids, labels, objects)[1], obj)
+    nothing = {k: torch.full_like(v, IGNORE) for k, v in objects.items()}
+    assert m(images, ids, labels, nothing)[1].item() == 0.0  # a batch without scenes: no loss, no NaN
+    with pytest.raises(ValueError, match="no object heads"):
+        Understanding(UnderstandingConfig(**TINY_UND))(images, ids, labels, objects)
+
+
 def test_understanding_kv_cache_generation_matches_recomputation():
     torch.manual_seed(0)
     m = Understanding(UnderstandingConfig(**TINY_UND)).eval()
