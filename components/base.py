@@ -144,11 +144,12 @@ def build_teacher(p: Params, tok: Tokenizer) -> Teacher:
         sample_size=ae.cfg.latent_size, patch_size=p.gen_patch, width=p.gen_width, depth=p.gen_depth,
         heads=p.gen_heads, text_layers=p.gen_text_layers, prediction=p.gen_prediction,
         head_channels=p.gen_head_channels))
+    heads = p.und_object_loss > 0  # the object heads exist only when their loss is trained
     und = Understanding(UnderstandingConfig(
         vocab_size=len(tok), pad_id=tok.pad_id, sep_id=tok.sep_id, eos_id=tok.eos_id, hidden=p.und_hidden,
         layers=p.und_layers, heads=p.und_heads, kv_heads=p.und_kv_heads, intermediate=p.und_intermediate,
-        grid=p.und_grid, encoder=p.und_encoder, object_classes=len(CLASSES) if p.und_object_loss else 0,
-        object_colours=len(COLOUR_NAMES) if p.und_object_loss else 0))
+        grid=p.und_grid, encoder=p.und_encoder, object_classes=len(CLASSES) if heads else 0,
+        object_colours=len(COLOUR_NAMES) if heads else 0))
     return Teacher(ae, gen, und, tok, bf16=p.bf16)
 
 

@@ -64,20 +64,30 @@ class ResBlock(nn.Module):
         return x + self.conv2(F.silu(self.conv1(F.silu(x))))
 
 
-def _check_image(cfg: AutoencoderConfig, images: torch.Tensor) -> None:
-    s = cfg.image_size
-    if images.dim() != 4 or tuple(images.shape[1:]) != (3, s, s):
-        raise ValueError(f"expected images of shape (B, 3, {s}, {s}), got {tuple(images.shape)}")
+class _Space(nn.Module):
+    """What both sample spaces share: their config (of this class's ``kind``) and the image check."""
 
-
-class Autoencoder(nn.Module):
-    trainable = True
+    kind: str
 
     def __init__(self, cfg: AutoencoderConfig):
         super().__init__()
-        if cfg.kind != "conv":
-            raise ValueError(f"Autoencoder is the conv kind; build {cfg.kind!r} with make_autoencoder")
+        if cfg.kind != self.kind:
+            raise ValueError(f"{type(self).__name__} is the {self.kind!r} kind; build {cfg.kind!r} with "
+                             "make_autoencoder")
         self.cfg = cfg
+
+    def check_image(self, images: torch.Tensor) -> None:
+        s = self.cfg.image_size
+        if images.dim() != 4 or tuple(images.shape[1:]) != (3, s, s):
+            raise ValueError(f"expected images of shape (B, 3, {s}, {s}), got {tuple(images.shape)}")
+
+
+class Autoencoder(_Space):
+    kind = "conv"
+    trainable = True
+
+    def __init__(self, cfg: AutoencoderConfig):
+        super().__init__(cfg)
         c1, c2 = cfg.channels
         z = cfg.latent_channels
         self.encoder = nn.Sequential(
@@ -90,9 +100,6 @@ class Autoencoder(nn.Module):
             nn.SiLU(), nn.Conv2d(c1, 4 * 3, 3, padding=1), nn.PixelShuffle(2))
         self.register_buffer("latent_mean", torch.zeros(1, z, 1, 1))
         self.register_buffer("latent_std", torch.ones(1, z, 1, 1))
-
-    def check_image(self, images: torch.Tensor) -> None:
-        _check_image(self.cfg, images)
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """Images in [-1, 1] -> normalised latents."""
@@ -124,20 +131,12 @@ class Autoencoder(nn.Module):
         self.latent_std.copy_(z.std(dim=(0, 2, 3), keepdim=True).clamp_min(1e-6))
 
 
-class PixelSpace(nn.Module):
+class PixelSpace(_Space):
     """The image itself, at ``1 / pixel_factor`` of its side; no weights, nothing to train."""
 
+    kind = "pixel"
     trainable = False
     is_calibrated = True
-
-    def __init__(self, cfg: AutoencoderConfig):
-        super().__init__()
-        if cfg.kind != "pixel":
-            raise ValueError(f"PixelSpace is the pixel kind, not {cfg.kind!r}")
-        self.cfg = cfg
-
-    def check_image(self, images: torch.Tensor) -> None:
-        _check_image(self.cfg, images)
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         self.check_image(images)

@@ -9,16 +9,17 @@ KV cache (``past_key_values``), with left padding so questions of different leng
 Deep (16 layers by default) so that a 2-layer speculative draft is cheap next to it.
 
 Optional object heads (``object_classes``, ``object_colours``) read each image token and predict
-the object centred in its cell: ``forward(..., objects=...)`` adds that auxiliary loss from the scenes the world
-data carries, trains the encoder to see shapes before the language model has learned to ask.
+the object centred in its cell; ``forward(..., objects=...)`` adds their loss, with targets from
+the scenes the world data carries, so the encoder learns to see shapes before the language model
+has learned to ask about them.
 """
 
 from __future__ import annotations
 
-import torch
-import torch.nn.functional as F
 from typing import Literal
 
+import torch
+import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 from transformers import Qwen2Config, Qwen2ForCausalLM
@@ -45,7 +46,7 @@ class UnderstandingConfig(BaseModel):
     encoder: Literal["patch", "cnn"] = Field(
         "patch", description="patch: strided convs and one conv per patch; cnn: conv + ReLU + max-pool stages")
     object_classes: int = Field(0, ge=0, description="> 0: a per-token head predicting the class of the object "
-                                                     "centred in each grid cell (0 = none), for object_loss")
+                                                     "centred in each grid cell (0 = none)")
     object_colours: int = Field(0, ge=0, description="> 0: the same for its colour")
 
     def lm_config(self) -> Qwen2Config:
@@ -56,27 +57,40 @@ class UnderstandingConfig(BaseModel):
                            bos_token_id=None, use_sliding_window=False)
 
 
-class PatchEncoder(nn.Module):
-    """64x64 RGB -> (B, grid*grid, hidden): two strided convs, then one conv per patch."""
+def _grid_step(cfg: UnderstandingConfig, reduced: int, what: str) -> int:
+    """The stride from a ``reduced``-pixel feature map to the token grid."""
+    if reduced % cfg.grid:
+        raise ValueError(f"grid {cfg.grid} must divide image_size / {what} = {reduced}")
+    return reduced // cfg.grid
 
-    def __init__(self, cfg: UnderstandingConfig):
+
+class _TokenEncoder(nn.Module):
+    """``net`` (images -> (B, hidden, grid, grid)), flattened to tokens, optionally layer-normed,
+    plus learned positions."""
+
+    def __init__(self, cfg: UnderstandingConfig, net: nn.Module, norm: bool):
         super().__init__()
-        c1, c2 = cfg.encoder_channels
-        quarter = cfg.image_size // 4
-        if quarter % cfg.grid:
-            raise ValueError(f"grid {cfg.grid} must divide image_size / 4 = {quarter}")
-        k = quarter // cfg.grid
-        self.net = nn.Sequential(nn.Conv2d(3, c1, 4, stride=2, padding=1), nn.SiLU(),
-                                 nn.Conv2d(c1, c2, 4, stride=2, padding=1), nn.SiLU(),
-                                 nn.Conv2d(c2, c2, 3, padding=1), nn.SiLU(),
-                                 nn.Conv2d(c2, cfg.hidden, k, stride=k))
+        self.net = net
+        self.norm = nn.LayerNorm(cfg.hidden) if norm else nn.Identity()
         self.pos = nn.Parameter(torch.randn(1, cfg.grid * cfg.grid, cfg.hidden) * 0.02)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.net(images).flatten(2).transpose(1, 2) + self.pos
+        return self.norm(self.net(images).flatten(2).transpose(1, 2)) + self.pos
 
 
-class CNNEncoder(nn.Module):
+class PatchEncoder(_TokenEncoder):
+    """64x64 RGB -> (B, grid*grid, hidden): two strided convs, then one conv per patch."""
+
+    def __init__(self, cfg: UnderstandingConfig):
+        c1, c2 = cfg.encoder_channels
+        k = _grid_step(cfg, cfg.image_size // 4, "4")
+        super().__init__(cfg, nn.Sequential(nn.Conv2d(3, c1, 4, stride=2, padding=1), nn.SiLU(),
+                                            nn.Conv2d(c1, c2, 4, stride=2, padding=1), nn.SiLU(),
+                                            nn.Conv2d(c2, c2, 3, padding=1), nn.SiLU(),
+                                            nn.Conv2d(c2, cfg.hidden, k, stride=k)), norm=False)
+
+
+class CNNEncoder(_TokenEncoder):
     """64x64 RGB -> (B, grid*grid, hidden): 3x3 conv + ReLU + 2x2 max-pool, three times (to 8x8, then
     max-pooled to the grid), a 1x1 projection and a LayerNorm on each token.
 
@@ -85,20 +99,12 @@ class CNNEncoder(nn.Module):
     stays at 0.31 (reports/NOTES.md "Third round"): rectified responses, max-pooled, carry corners."""
 
     def __init__(self, cfg: UnderstandingConfig):
-        super().__init__()
         c1, c2 = cfg.encoder_channels
-        eighth = cfg.image_size // 8
-        if eighth % cfg.grid:
-            raise ValueError(f"grid {cfg.grid} must divide image_size / 8 = {eighth}")
-        self.net = nn.Sequential(nn.Conv2d(3, c1, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-                                 nn.Conv2d(c1, c2, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-                                 nn.Conv2d(c2, c2, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2 * (eighth // cfg.grid)),
-                                 nn.Conv2d(c2, cfg.hidden, 1))
-        self.norm = nn.LayerNorm(cfg.hidden)
-        self.pos = nn.Parameter(torch.randn(1, cfg.grid * cfg.grid, cfg.hidden) * 0.02)
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.norm(self.net(images).flatten(2).transpose(1, 2)) + self.pos
+        k = _grid_step(cfg, cfg.image_size // 8, "8")
+        super().__init__(cfg, nn.Sequential(nn.Conv2d(3, c1, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                                            nn.Conv2d(c1, c2, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                                            nn.Conv2d(c2, c2, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2 * k),
+                                            nn.Conv2d(c2, cfg.hidden, 1)), norm=True)
 
 
 class Understanding(nn.Module):
@@ -122,9 +128,12 @@ class Understanding(nn.Module):
         if images.dim() != 4 or tuple(images.shape[1:]) != (3, s, s):
             raise ValueError(f"expected images of shape (B, 3, {s}, {s}), got {tuple(images.shape)}")
 
-    def _embed(self, images: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    def _tokens(self, images: torch.Tensor) -> torch.Tensor:
         self.check_image(images)
-        return self._join(self.encoder(images), ids)
+        return self.encoder(images)
+
+    def _embed(self, images: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        return self._join(self._tokens(images), ids)
 
     def _join(self, tokens: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         return torch.cat([tokens.to(self.lm.dtype), self.lm.get_input_embeddings()(ids)], dim=1)
@@ -134,10 +143,9 @@ class Understanding(nn.Module):
         """Cross-entropy of next-token prediction; ``labels`` is ``ids`` with IGNORE off the answer.
 
         ``ids``/``labels`` are right-padded ``(B, T)``; the image prefix is never a target. With
-        ``objects`` (see :meth:`object_loss`), returns ``(lm_loss, object_loss)`` from one encoder pass.
+        ``objects`` (see :meth:`_object_loss`), returns ``(lm_loss, object_loss)`` from one encoder pass.
         """
-        self.check_image(images)
-        tokens = self.encoder(images)
+        tokens = self._tokens(images)
         logits = self.lm(inputs_embeds=self._join(tokens, ids)).logits[:, self.n_image_tokens - 1:-1]
         lm_loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
                                   ignore_index=IGNORE)
@@ -154,7 +162,8 @@ class Understanding(nn.Module):
         loss = tokens.new_zeros((), dtype=torch.float32)
         for name, head in self.object_heads.items():
             logits, target = head(tokens).float(), objects[name].reshape(-1)
-            total = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target, ignore_index=IGNORE, reduction="sum")
+            total = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target, ignore_index=IGNORE,
+                                    reduction="sum")
             loss = loss + total / (target != IGNORE).sum().clamp_min(1)  # a batch without scenes adds 0, not NaN
         return loss
 
