@@ -60,6 +60,9 @@ def setup_environment(project: Path | None = None) -> Path:
     os.environ.setdefault("PREFECT_HOME", str(state / "prefect"))
     if not os.environ.get("PREFECT_API_URL"):
         os.environ.setdefault("PREFECT_SERVER_ALLOW_EPHEMERAL_MODE", "true")
+        # a cold first start on a fresh 2-core machine (bytecode compiled, SQLite migrated) can take
+        # longer than Prefect's 20 s default
+        os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
     os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
