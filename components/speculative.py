@@ -15,6 +15,10 @@ token (already emitted, not yet in the cache):
    of ``p_K``: the emitted tokens follow the target's distribution exactly;
 4. both caches are cropped back to the accepted positions.
 
+Target and draft run on static KV caches (``components/models/kv_decoder.py``), the target
+through the same :class:`~components.models.kv_decoder.LeanLM` as its own greedy decoding
+(``Understanding.generate``), so a speed-up measured against it is the speculation's alone.
+
 Metrics: τ = accepted drafts per round + 1 (EAGLE's convention), n-α = P(d_n accepted |
 d_1 .. d_{n-1} accepted) over rounds that proposed ``d_n``; an accepted ``eos`` ends the
 answer and the round. Everything runs in float32 so greedy verification and the target's
@@ -27,9 +31,8 @@ import time
 from dataclasses import dataclass, field
 
 import torch
-from transformers import DynamicCache
-
-from components.models.draft import Draft, target_states
+from components.models.draft import Draft, DraftDecoder
+from components.models.kv_decoder import LeanLM
 from components.models.understanding import Understanding
 
 
@@ -67,19 +70,11 @@ class _Sampler:
         return float(torch.rand((), generator=self.g))
 
 
-def _crop(cache: DynamicCache, length: int) -> None:
-    extra = cache.get_seq_length() - length
-    if extra > 0:
-        cache.crop(-extra)
-
-
-def _prefill(target: Understanding, image: torch.Tensor, prompt: list[int]):
+def _prefill(target: Understanding, lean: LeanLM, image: torch.Tensor, prompt: list[int]):
     img = target.encoder(image).to(target.lm.dtype)
-    embeds = torch.cat([img, target.lm.get_input_embeddings()(torch.tensor([prompt]))], dim=1)
-    n = embeds.shape[1]
-    out = target.lm(inputs_embeds=embeds, position_ids=torch.arange(n)[None], use_cache=True,
-                    output_hidden_states=True)
-    return embeds, out
+    embeds = torch.cat([img, lean.embed(torch.tensor([prompt]))], dim=1)
+    logits, states = lean.forward(embeds, torch.arange(embeds.shape[1])[None], hidden=True)
+    return embeds, logits, torch.stack(states, dim=2)
 
 
 @torch.no_grad()
@@ -98,28 +93,27 @@ def generate(target: Understanding, draft: Draft, image: torch.Tensor, prompt: l
         raise ValueError("speculative decoding runs at batch 1")
     s = _Sampler(mode, temperature, generator)
     eos = target.cfg.eos_id
-    embeds, out = _prefill(target, image, prompt)
+    max_len = target.n_image_tokens + len(prompt) + max_new_tokens + chain + 1
+    lean, drafter = LeanLM(target.lm, 1, max_len), DraftDecoder(draft, max_len)
+    embeds, logits, states = _prefill(target, lean, image, prompt)
     n = embeds.shape[1]                       # positions in the target's cache
-    t_cache: DynamicCache = out.past_key_values
-    x = s.draw(out.logits[0, -1])
+    x = s.draw(logits[0, -1])
     emitted = [x]
     # pending draft inputs: target states at positions [p0, n) and the next input embeddings
-    states = target_states(out)
     nxt = torch.cat([embeds[:, 1:], draft.embed(torch.tensor([[x]]))], dim=1)
     p0 = 0
-    dec_cache, d_cache = DynamicCache(), DynamicCache()
     result = SpecResult([])
     while x != eos and len(emitted) < max_new_tokens:
         k = min(chain, max_new_tokens - len(emitted))
         # 1. draft: catch up on the verified positions, then a chain of k tokens
         pos = torch.arange(p0, n)
-        feat = draft.fuse(states, pos, dec_cache)
-        _crop(d_cache, p0)
-        h = draft.step(feat, nxt, pos, d_cache)[:, -1:]
+        feat = drafter.fuse(states, pos)
+        drafter.layers.crop(p0)
+        h = drafter.step(feat, nxt, pos)[:, -1:]
         drafts: list[int] = []
         q: list[torch.Tensor] = []
         for i in range(k):
-            logits = draft.logits(h)[0, -1]
+            logits = drafter.logits(h)[0, -1]
             if stop_below > 0 and i > 0 and float(torch.softmax(logits.float(), -1).max()) < stop_below:
                 break
             d = s.draw(logits)
@@ -129,13 +123,12 @@ def generate(target: Understanding, draft: Draft, image: torch.Tensor, prompt: l
             if d == eos:  # nothing after an end of answer can be accepted: stop drafting
                 break
             if i + 1 < k:
-                h = draft.step(h, draft.embed(torch.tensor([[d]])), torch.tensor([n + i]), d_cache)
+                h = drafter.step(h, draft.embed(torch.tensor([[d]])), torch.tensor([n + i]))
         k = len(drafts)
         # 2. verify [x, d_1 .. d_k] at positions n .. n+k
-        ids = torch.tensor([[x] + drafts])
-        vout = target.lm(input_ids=ids, position_ids=torch.arange(n, n + k + 1)[None], past_key_values=t_cache,
-                         use_cache=True, output_hidden_states=True)
-        tl = vout.logits[0]
+        tl, vstates = lean.forward(lean.embed(torch.tensor([[x] + drafts])), torch.arange(n, n + k + 1)[None],
+                                   hidden=True)
+        tl = tl[0]
         # 3. accept / reject
         outcomes: list[bool] = []
         new: int | None = None
@@ -159,9 +152,9 @@ def generate(target: Understanding, draft: Draft, image: torch.Tensor, prompt: l
         result.rounds.append(outcomes)
         result.drafted.append(k)
         emitted += accepted + ([new] if new is not None and not ended else [])
-        # 4. keep positions n .. n+m (x and the accepted drafts) in both caches
-        _crop(t_cache, n + m + 1)
-        states = target_states(vout)[:, :m + 1]
+        # 4. keep positions n .. n+m (x and the accepted drafts) in the target's cache
+        lean.crop(n + m + 1)
+        states = torch.stack(vstates, dim=2)[:, :m + 1]
         nxt = draft.embed(torch.tensor([accepted + [new if new is not None else eos]]))
         p0, n = n, n + m + 1
         x = emitted[-1]

@@ -20,8 +20,9 @@ at zero: CA's output is then exactly the skip, so fc1 reads EAGLE-3's three-leve
 Dec is the identity, and the draft layers start from a zero input.
 
 Attention in Dec and in the draft layers is causal over positions with an explicit additive
-mask, and uses ``transformers``' ``DynamicCache`` so decoding keeps KV caches (see
-``components/speculative.py``) and training-time test attends to earlier unrolled steps.
+mask, and uses ``transformers``' ``DynamicCache`` so training-time test attends to earlier
+unrolled steps; decoding (``components/speculative.py``) runs the same layers through
+:class:`DraftDecoder` on static KV caches.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from torch import nn
 from transformers import DynamicCache, Qwen2Config
 from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer, Qwen2RMSNorm, Qwen2RotaryEmbedding
 
+from components.models.kv_decoder import LayerStack
 from components.models.understanding import Understanding
 
 
@@ -202,6 +204,33 @@ class Draft(nn.Module):
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         return self.lm_head(self.norm(h))
+
+
+class DraftDecoder:
+    """The draft at decoding time (batch 1): its Dec and draft layers on static KV caches
+    (:class:`~components.models.kv_decoder.LayerStack`), the same arithmetic as :meth:`Draft.fuse`
+    and :meth:`Draft.step`. Build it after training (it copies the layers' projections)."""
+
+    def __init__(self, draft: Draft, max_len: int):
+        self.draft = draft
+        self.dec = LayerStack([draft.dec], draft.rotary, 1, max_len) if draft.cfg.fusion == "meta" else None
+        self.layers = LayerStack(draft.layers, draft.rotary, 1, max_len)
+        self.norm_w, self.norm_eps = draft.norm.weight.detach(), draft.norm.variance_epsilon
+
+    def fuse(self, states: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """``F_in`` for the next target positions ``positions`` ``(S,)``, after those in the Dec cache."""
+        d = self.draft
+        x = d.fusion_input(states)
+        if self.dec is None:
+            return d.fc(x)
+        return self.dec.forward(d.fc1(x), positions[None])[0]
+
+    def step(self, feat: torch.Tensor, emb: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """``fc2([feat ; emb])`` through the draft layers, appended to their cache: ``(1, S, D)``."""
+        return self.layers.forward(self.draft.fc2(torch.cat([feat, emb], dim=-1)), positions[None])[0]
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        return F.linear(F.rms_norm(h, (h.shape[-1],), self.norm_w, self.norm_eps), self.draft.lm_head.weight)
 
 
 def target_states(out) -> torch.Tensor:

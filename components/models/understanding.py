@@ -4,8 +4,8 @@ Sequence: ``[image tokens] [question ids] [sep] [answer ids] [eos]``. A small co
 (``encoder``: ``patch``, or ``cnn`` with max-pooling) turns the 64x64 image into ``grid x grid``
 patch embeddings (with learned positions) that
 enter the LM as ``inputs_embeds``; the loss is next-token cross-entropy on the answer and
-``eos`` only. Greedy decoding runs a prefill and then one token at a time on the LM's
-KV cache (``past_key_values``), with left padding so questions of different lengths batch.
+``eos`` only. Greedy decoding runs a prefill and then one token at a time on a static KV cache
+(``components/models/kv_decoder.py``), with left padding so questions of different lengths batch.
 Deep (16 layers by default) so that a 2-layer speculative draft is cheap next to it.
 
 Optional object heads (``object_classes``, ``object_colours``) read each image token and predict
@@ -23,6 +23,8 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 from transformers import Qwen2Config, Qwen2ForCausalLM
+
+from components.models.kv_decoder import LeanLM
 
 IGNORE = -100
 
@@ -171,23 +173,25 @@ class Understanding(nn.Module):
     def generate(self, images: torch.Tensor, prompts: list[list[int]], max_new_tokens: int = 48) -> list[list[int]]:
         """Greedy answers (without ``eos``) to ``prompts`` (question ids ending in ``sep``).
 
-        Rows are left-padded, ``[pad][image][prompt]``, with positions counted from the image.
+        Rows are left-padded, ``[pad][image][prompt]``, with positions counted from the image; the
+        LM runs on a static KV cache (:class:`~components.models.kv_decoder.LeanLM`).
         """
         self.check_image(images)
         b, n_img = len(prompts), self.n_image_tokens
         width = max(len(p) for p in prompts)
         img = self.encoder(images).to(self.lm.dtype)
-        embed = self.lm.get_input_embeddings()
+        lean = LeanLM(self.lm, b, width + n_img + max_new_tokens)
         embeds = img.new_zeros(b, width + n_img, img.shape[-1])
-        mask = torch.zeros(b, width + n_img, dtype=torch.long)
+        valid = torch.ones(b, width + n_img + max_new_tokens, dtype=torch.bool)
         for i, p in enumerate(prompts):
             pad = width - len(p)
             embeds[i, pad:pad + n_img] = img[i]
-            embeds[i, pad + n_img:] = embed(torch.tensor(p, dtype=torch.long))
-            mask[i, pad:] = 1
-        pos = (mask.cumsum(1) - 1).clamp_min(0)
-        out = self.lm(inputs_embeds=embeds, attention_mask=mask, position_ids=pos, use_cache=True)
-        cache, nxt, last = out.past_key_values, out.logits[:, -1].argmax(-1), pos[:, -1]
+            embeds[i, pad + n_img:] = lean.embed(torch.tensor(p, dtype=torch.long))
+            valid[i, :pad] = False
+        key_valid = None if bool(valid.all()) else valid
+        pos = (valid[:, :width + n_img].long().cumsum(1) - 1).clamp_min(0)
+        logits, _ = lean.forward(embeds, pos, key_valid, last_only=True)
+        nxt, last = logits[:, -1].argmax(-1), pos[:, -1:]
         answers: list[list[int]] = [[] for _ in range(b)]
         done = torch.zeros(b, dtype=torch.bool)
         for _ in range(max_new_tokens):
@@ -196,9 +200,7 @@ class Understanding(nn.Module):
                 answers[i].append(int(nxt[i]))
             if bool(done.all()):
                 break
-            mask = torch.cat([mask, mask.new_ones(b, 1)], dim=1)
             last = last + 1
-            out = self.lm(input_ids=nxt[:, None], attention_mask=mask, position_ids=last[:, None],
-                          past_key_values=cache, use_cache=True)
-            cache, nxt = out.past_key_values, out.logits[:, -1].argmax(-1)
+            logits, _ = lean.forward(lean.embed(nxt[:, None]), last, key_valid)
+            nxt = logits[:, -1].argmax(-1)
         return answers

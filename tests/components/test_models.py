@@ -268,3 +268,47 @@ def test_understanding_kv_cache_generation_matches_recomputation():
                     break
                 seq.append(nxt)
         assert answers[i] == seq
+
+
+def test_lean_decoding_computes_what_transformers_computes():
+    """The static-cache forward used for decoding (kv_decoder) against transformers' Qwen2: a prefill
+    with hidden states, then a crop and a multi-token continuation on the cache, to float32 rounding;
+    and the draft's decoder against Draft.fuse / Draft.step on transformers' DynamicCache."""
+    from transformers import DynamicCache
+
+    from components.models.draft import Draft, DraftConfig, DraftDecoder, target_states
+    from components.models.kv_decoder import LeanLM
+
+    torch.manual_seed(0)
+    m = Understanding(UnderstandingConfig(**{**TINY_UND, "layers": 4})).eval()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.normal_(0, 0.3)
+        ids = torch.randint(3, 30, (1, 12))
+        embeds = m.lm.get_input_embeddings()(ids)
+        full = m.lm(inputs_embeds=embeds, output_hidden_states=True)
+        lean = LeanLM(m.lm, 1, 16)
+        logits, states = lean.forward(embeds[:, :9], torch.arange(9)[None], hidden=True)
+        assert torch.allclose(logits, full.logits[:, :9], atol=1e-5)
+        assert len(states) == len(full.hidden_states) == 5
+        for mine, theirs in zip(states, full.hidden_states):
+            assert torch.allclose(mine, theirs[:, :9], atol=1e-5)
+        lean.forward(torch.randn(1, 2, 32), torch.arange(9, 11)[None])  # a rejected continuation ...
+        lean.crop(9)                                                     # ... cropped away
+        logits, _ = lean.forward(embeds[:, 9:], torch.arange(9, 12)[None])
+        assert torch.allclose(logits, full.logits[:, 9:], atol=1e-5)
+        with pytest.raises(ValueError, match="16 slots"):
+            lean.forward(torch.zeros(1, 5, 32), torch.arange(12, 17)[None])
+
+        draft = Draft.from_target(m, DraftConfig.for_target(m, zero_init=False)).eval()
+        st = target_states(full)
+        nxt = torch.randn(1, 12, 32)
+        dec_cache, d_cache = DynamicCache(), DynamicCache()
+        feat = draft.fuse(st[:, :7], torch.arange(7), dec_cache)
+        feat = torch.cat([feat, draft.fuse(st[:, 7:], torch.arange(7, 12), dec_cache)], dim=1)
+        h = draft.step(feat, nxt, torch.arange(12), d_cache)
+        dd = DraftDecoder(draft, 16)
+        mine = torch.cat([dd.fuse(st[:, :7], torch.arange(7)), dd.fuse(st[:, 7:], torch.arange(7, 12))], dim=1)
+        assert torch.allclose(mine, feat, atol=1e-5)
+        assert torch.allclose(dd.step(mine, nxt, torch.arange(12)), h, atol=1e-5)
+        assert torch.allclose(dd.logits(h), draft.logits(h), atol=1e-5)
