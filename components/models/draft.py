@@ -209,7 +209,7 @@ class Draft(nn.Module):
 class DraftDecoder:
     """The draft at decoding time (batch 1): its Dec and draft layers on static KV caches
     (:class:`~components.models.kv_decoder.LayerStack`), the same arithmetic as :meth:`Draft.fuse`
-    and :meth:`Draft.step`. Build it after training (it copies the layers' projections)."""
+    and :meth:`Draft.step`."""
 
     def __init__(self, draft: Draft, max_len: int):
         self.draft = draft

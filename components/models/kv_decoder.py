@@ -11,20 +11,44 @@ weights, with the same operations in the same order, and less around them:
 - a preallocated cache per layer, written in place; cropping is a length;
 - no mask for a single new token without padding, a boolean one otherwise.
 
-It is an inference path only: the projections are concatenated copies taken when the stack is
-built, so build it after training (``Understanding.generate`` and speculative decoding build one
-per call, a few milliseconds). Logits and hidden states agree with ``transformers``' to float32
+It is an inference path only: the projections are concatenated copies, made when a stack is
+first built over a layer and remade when its parameters change (in-place version counters), so
+``Understanding.generate`` and speculative decoding build a stack per call at little cost. Logits and hidden states agree with ``transformers``' to float32
 rounding (tests/components/test_models.py); training keeps ``transformers``' modules.
 """
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer, Qwen2RotaryEmbedding
+
+
+_FUSED: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
+
+
+def _fused(layer: Qwen2DecoderLayer) -> tuple:
+    """The layer's weights as the stack reads them (q/k/v and gate/up concatenated), built once
+    and reused while the parameters are unchanged (the key holds their storage and in-place
+    version counters, which optimiser steps and ``load_state_dict`` advance)."""
+    key = tuple((p.data_ptr(), p._version) for p in layer.parameters())
+    hit = _FUSED.get(layer)
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    a, mlp = layer.self_attn, layer.mlp
+    with torch.no_grad():
+        qkv_bias = None if a.q_proj.bias is None else torch.cat([a.q_proj.bias, a.k_proj.bias, a.v_proj.bias])
+        weights = (layer.input_layernorm.weight.detach(), layer.input_layernorm.variance_epsilon,
+                   torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]), qkv_bias,
+                   a.o_proj.weight.detach(), layer.post_attention_layernorm.weight.detach(),
+                   layer.post_attention_layernorm.variance_epsilon,
+                   torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]), mlp.down_proj.weight.detach())
+    _FUSED[layer] = (key, weights)
+    return weights
 
 
 class LayerStack:
@@ -43,24 +67,15 @@ class LayerStack:
         self.head_dim = attn.head_dim
         self.width = attn.config.hidden_size
         self.max_len = max_len
-        self.weights = []
-        for layer in layers:
-            a, mlp = layer.self_attn, layer.mlp
-            qkv_bias = None if a.q_proj.bias is None else torch.cat([a.q_proj.bias, a.k_proj.bias, a.v_proj.bias])
-            self.weights.append((
-                layer.input_layernorm.weight.detach(), layer.input_layernorm.variance_epsilon,
-                torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]).detach(),
-                None if qkv_bias is None else qkv_bias.detach(), a.o_proj.weight.detach(),
-                layer.post_attention_layernorm.weight.detach(), layer.post_attention_layernorm.variance_epsilon,
-                torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]).detach(), mlp.down_proj.weight.detach()))
+        self.weights = [_fused(layer) for layer in layers]
         dtype = self.weights[0][2].dtype
         freqs = torch.arange(max_len, dtype=torch.float32)[:, None] * rotary.inv_freq.float()[None]
         emb = torch.cat([freqs, freqs], dim=-1)
         self.cos = (emb.cos() * rotary.attention_scaling).to(dtype)
         self.sin = (emb.sin() * rotary.attention_scaling).to(dtype)
         shape = (batch, self.kv_heads, max_len, self.head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype) for _ in layers]
-        self.v = [torch.zeros(shape, dtype=dtype) for _ in layers]
+        self.k = [torch.empty(shape, dtype=dtype) for _ in layers]
+        self.v = [torch.empty(shape, dtype=dtype) for _ in layers]
         self.length = 0
 
     def crop(self, length: int) -> None:
@@ -132,8 +147,8 @@ class LeanLM:
     def forward(self, embeds: torch.Tensor, positions: torch.Tensor, key_valid: torch.Tensor | None = None,
                 hidden: bool = False, last_only: bool = False) -> tuple[torch.Tensor, list[torch.Tensor]]:
         h, outs = self.stack.forward(embeds, positions, key_valid, hidden)
-        if last_only:
+        if last_only and not hidden:
             h = h[:, -1:]
         normed = F.rms_norm(h, (h.shape[-1],), self.norm_w, self.norm_eps)
         states = [embeds] + outs[:-1] + [normed] if hidden else []
-        return F.linear(normed, self.head_w), states
+        return F.linear(normed[:, -1:] if last_only else normed, self.head_w), states

@@ -312,3 +312,19 @@ def test_lean_decoding_computes_what_transformers_computes():
         assert torch.allclose(mine, feat, atol=1e-5)
         assert torch.allclose(dd.step(mine, nxt, torch.arange(12)), h, atol=1e-5)
         assert torch.allclose(dd.logits(h), draft.logits(h), atol=1e-5)
+
+
+def test_lean_decoding_follows_weight_changes():
+    """The fused projections are reused while the weights are unchanged and rebuilt when they change."""
+    from components.models.kv_decoder import LeanLM
+
+    torch.manual_seed(0)
+    m = Understanding(UnderstandingConfig(**TINY_UND)).eval()
+    x = torch.randn(1, 5, 32)
+    with torch.no_grad():
+        before = LeanLM(m.lm, 1, 8).forward(x, torch.arange(5)[None])[0]
+        assert torch.equal(LeanLM(m.lm, 1, 8).forward(x, torch.arange(5)[None])[0], before)
+        m.lm.model.layers[0].self_attn.k_proj.weight.add_(0.5)  # as an optimiser step would
+        after = LeanLM(m.lm, 1, 8).forward(x, torch.arange(5)[None])[0]
+        assert not torch.allclose(after, before)
+        assert torch.allclose(after, m.lm(inputs_embeds=x).logits, atol=1e-5)
