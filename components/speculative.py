@@ -129,12 +129,13 @@ def generate(target: Understanding, draft: Draft, image: torch.Tensor, prompt: l
         tl, vstates = lean.forward(lean.embed(torch.tensor([[x] + drafts])), torch.arange(n, n + k + 1)[None],
                                    hidden=True)
         tl = tl[0]
+        best = tl.argmax(-1).tolist() if s.greedy else []
         # 3. accept / reject
         outcomes: list[bool] = []
         new: int | None = None
         for i, d in enumerate(drafts):
             if s.greedy:
-                ok = d == int(tl[i].argmax())
+                ok = d == best[i]
             else:
                 p = s.probs(tl[i])
                 ok = s.uniform() * float(q[i][d]) < float(p[d])
@@ -148,7 +149,7 @@ def generate(target: Understanding, draft: Draft, image: torch.Tensor, prompt: l
         accepted = drafts[:m]
         ended = bool(accepted) and accepted[-1] == eos
         if not ended and new is None:
-            new = s.draw(tl[m])
+            new = best[m] if s.greedy else s.draw(tl[m])
         result.rounds.append(outcomes)
         result.drafted.append(k)
         emitted += accepted + ([new] if new is not None and not ended else [])
