@@ -58,7 +58,8 @@ class Params(TrainParams):
     checkpoint_every: int = Field(250, ge=1)
     log_every: int = Field(25, ge=1)
     warmup: int = Field(100, ge=0, description="linear learning-rate warm-up steps (each expert)")
-    bf16: bool = Field(True, description="bfloat16 autocast (AMX on recent CPUs)")
+    bf16: bool = Field(True, description="bfloat16 autocast where the CPU has native bfloat16 (AVX512-BF16, AMX); "
+                                                "float32 elsewhere (components.inference.bf16_native)")
     data_limit: int | None = Field(None, ge=1, description="read at most this many rows per data set")
 
     ae_steps: int = Field(300, ge=0, description="autoencoder steps, before the generation expert (latent space only)")

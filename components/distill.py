@@ -38,7 +38,8 @@ class DistillParams(TrainParams):
     lr: float = Field(1e-4, gt=0, le=1.0)
     warmup: int = Field(20, ge=0, description="linear learning-rate warm-up steps")
     grad_clip: float = Field(1.0, gt=0)
-    bf16: bool = Field(True, description="bfloat16 autocast (AMX on recent CPUs)")
+    bf16: bool = Field(True, description="bfloat16 autocast where the CPU has native bfloat16 (AVX512-BF16, AMX); "
+                                                "float32 elsewhere (components.inference.bf16_native)")
     data_limit: int | None = Field(None, ge=1, description="read at most this many rows per data set")
     edit_fraction: float = Field(0.5, ge=0, le=1, description="share of steps on edit triplets")
     shift: float = Field(3.0, ge=3.0, description="timestep shift of training and sampling (paper: >= 3)")
