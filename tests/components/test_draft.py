@@ -26,7 +26,7 @@ def setup_dirs(tmp_path_factory) -> tuple[Path, Path]:
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("draft")
     world = tiny_world(root / "world", n=24)
-    st = run_training(base, StageContext(base.Params(**{**TINY, "steps": 20, "und_layers": 4}), world, None),
+    st = run_training(base, StageContext(base.Params(**{**TINY, "steps": 40, "und_layers": 4}), world, None),
                       LocalReporter(root / "base"))
     exp = base.export(st)
     checkpoints.save_checkpoint(root / "ckpt", exp.tensors, exp.config, {"stage": "base"})

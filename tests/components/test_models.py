@@ -328,3 +328,16 @@ def test_lean_decoding_follows_weight_changes():
         after = LeanLM(m.lm, 1, 8).forward(x, torch.arange(5)[None])[0]
         assert not torch.allclose(after, before)
         assert torch.allclose(after, m.lm(inputs_embeds=x).logits, atol=1e-5)
+
+
+def test_bf16_autocast_only_where_the_cpu_computes_bfloat16():
+    """bf16 is honoured on CPUs with native bfloat16 and falls back to float32 elsewhere (emulated
+    bfloat16 is ~20x slower than float32); never on request of float32."""
+    from components.inference import autocast, bf16_native
+
+    lin = torch.nn.Linear(8, 8)
+    x = torch.randn(2, 8)
+    with autocast(True):
+        assert lin(x).dtype == (torch.bfloat16 if bf16_native() else torch.float32)
+    with autocast(False):
+        assert lin(x).dtype == torch.float32
