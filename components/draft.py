@@ -72,6 +72,9 @@ class Params(TrainParams):
                               description="> 0: a dynamic chain, a round stops drafting once the draft's top "
                                           "probability falls below this (EAGLE-2's acceptance proxy); 0: the full "
                                           "chain (up to an end of answer). The output is the target's either way")
+    delay: int = Field(1, ge=0, le=64, description="target-only steps after the first answer token before the first "
+                                                   "draft round: a one-word answer then never pays for the draft's "
+                                                   "catch-up on the prefix (components/speculative.py)")
     eval_prompts: int = Field(500, ge=0, description="held-out prompts decoded by evaluate (batch 1): the world's "
                                                      "held-out Q&A and captions, then fresh scenes")
     ablation_steps: int = Field(300, ge=1, description="training steps of every Table 1 variant in the benchmark's "
@@ -324,7 +327,8 @@ def evaluate(state: TrainState) -> dict[str, float]:
     held = heldout_rows(world, p.eval_prompts, p.seed, teacher)
     prompts = [teacher.prompt_ids(q) for q in held.texts]
     res = speculative.benchmark(state.extra["target"], _raw(state.modules["draft"]).eval(),
-                                _images(held.images), prompts, p.max_new_tokens, p.chain, p.stop_below)
+                                _images(held.images), prompts, p.max_new_tokens, p.chain, p.stop_below,
+                                p.delay)
     out["heldout_world"] = float(min(len(held), len(world.und_heldout) if world.und_heldout is not None else 0))
     out["heldout_fresh"] = float(len(held) - out["heldout_world"])
     out.update({k2: v for k2, v in res.metrics().items() if not (isinstance(v, float) and math.isnan(v))})

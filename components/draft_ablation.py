@@ -72,7 +72,8 @@ def run_ablation(params: draft.Params, base_dir: Path, data_dir: Path, work_dir:
         state = run_training(stage, StageContext(p, Path(data_dir), Path(base_dir)),
                              LocalReporter(Path(work_dir) / v))
         model = getattr(state.modules["draft"], "module", state.modules["draft"]).eval()
-        res = speculative.benchmark(inputs.target, model, images, ids, p.max_new_tokens, p.chain, p.stop_below)
+        res = speculative.benchmark(inputs.target, model, images, ids, p.max_new_tokens, p.chain, p.stop_below,
+                                    p.delay)
         history = state.extra.get("history") or []
         out[v] = {"tau": res.tau, "speedup": res.speedup, "alpha": res.alpha,
                   "identical_fraction": res.identical_fraction, "tokens_per_s": dict(res.tokens_per_s),

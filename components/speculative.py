@@ -80,9 +80,14 @@ def _prefill(target: Understanding, lean: LeanLM, image: torch.Tensor, prompt: l
 @torch.no_grad()
 def generate(target: Understanding, draft: Draft, image: torch.Tensor, prompt: list[int], max_new_tokens: int = 48,
              chain: int = 10, mode: str = "greedy", temperature: float = 1.0,
-             generator: torch.Generator | None = None, stop_below: float = 0.0) -> SpecResult:
+             generator: torch.Generator | None = None, stop_below: float = 0.0, delay: int = 0) -> SpecResult:
     """Speculative decoding of one answer to ``prompt`` (question ids ending in ``sep``) about
     ``image`` ``(1, 3, H, W)``; up to ``chain`` draft tokens per round.
+
+    ``delay``: target-only steps after the first token before the first draft round. An answer
+    that ends within them never pays for the draft (its catch-up on the whole prefix costs about a
+    target step, and a one-word answer gains nothing from drafting); longer answers pay one plain
+    step. Those steps are not rounds: τ and n-α count draft rounds only.
 
     ``stop_below`` > 0 makes the chain dynamic (EAGLE-2's confidence as the acceptance proxy):
     a round stops drafting once the draft's top probability for the next token falls below it
@@ -94,16 +99,26 @@ def generate(target: Understanding, draft: Draft, image: torch.Tensor, prompt: l
     s = _Sampler(mode, temperature, generator)
     eos = target.cfg.eos_id
     max_len = target.n_image_tokens + len(prompt) + max_new_tokens + chain + 1
-    lean, drafter = LeanLM(target.lm, 1, max_len), DraftDecoder(draft, max_len)
+    lean, drafter = LeanLM(target.lm, 1, max_len), None
     embeds, logits, states = _prefill(target, lean, image, prompt)
     n = embeds.shape[1]                       # positions in the target's cache
     x = s.draw(logits[0, -1])
     emitted = [x]
     # pending draft inputs: target states at positions [p0, n) and the next input embeddings
     nxt = torch.cat([embeds[:, 1:], draft.embed(torch.tensor([[x]]))], dim=1)
+    for _ in range(delay):  # plain target steps, their states queued for the draft's catch-up
+        if x == eos or len(emitted) >= max_new_tokens:
+            break
+        logits, st = lean.forward(lean.embed(torch.tensor([[x]])), torch.tensor([[n]]), hidden=True)
+        x = s.draw(logits[0, -1])
+        emitted.append(x)
+        states = torch.cat([states, torch.stack(st, dim=2)], dim=1)
+        nxt = torch.cat([nxt, draft.embed(torch.tensor([[x]]))], dim=1)
+        n += 1
     p0 = 0
     result = SpecResult([])
     while x != eos and len(emitted) < max_new_tokens:
+        drafter = drafter or DraftDecoder(draft, max_len)
         k = min(chain, max_new_tokens - len(emitted))
         # 1. draft: catch up on the verified positions, then a chain of k tokens
         pos = torch.arange(p0, n)
@@ -205,7 +220,7 @@ class Benchmark:
 
 @torch.no_grad()
 def benchmark(target: Understanding, draft: Draft, images: torch.Tensor, prompts: list[list[int]],
-              max_new_tokens: int = 48, chain: int = 10, stop_below: float = 0.0) -> Benchmark:
+              max_new_tokens: int = 48, chain: int = 10, stop_below: float = 0.0, delay: int = 0) -> Benchmark:
     """Greedy decoding of every prompt by the target alone and with speculation, at batch 1:
     identical outputs, τ, n-α (n = 1..chain) and tokens/s of both (the same answer tokens)."""
     target.eval()
@@ -217,7 +232,7 @@ def benchmark(target: Understanding, draft: Draft, images: torch.Tensor, prompts
         t0 = time.perf_counter()
         ref = target.generate(img, [prompt], max_new_tokens)[0]
         t1 = time.perf_counter()
-        res = generate(target, draft, img, prompt, max_new_tokens, chain, stop_below=stop_below)
+        res = generate(target, draft, img, prompt, max_new_tokens, chain, stop_below=stop_below, delay=delay)
         t2 = time.perf_counter()
         t_target += t1 - t0
         t_spec += t2 - t1
@@ -231,7 +246,7 @@ def benchmark(target: Understanding, draft: Draft, images: torch.Tensor, prompts
 
 
 def ask(teacher, draft: Draft, image, question: str, max_new_tokens: int = 64, chain: int = 10,
-        compare: bool = False) -> tuple[str, dict[str, float]]:
+        compare: bool = False, delay: int = 0, stop_below: float = 0.0) -> tuple[str, dict[str, float]]:
     """``Teacher``-level speculative answer to ``question`` about one (64, 64, 3) uint8 image, with
     τ and tokens/s (``compare``: also the target alone, and whether both answers are identical)."""
     from components.inference import InputError, to_tensor
@@ -242,7 +257,7 @@ def ask(teacher, draft: Draft, image, question: str, max_new_tokens: int = 64, c
         raise InputError("speculative decoding answers one image at a time")
     prompt = teacher.prompt_ids(question)
     t0 = time.perf_counter()
-    res = generate(target, draft.eval(), x, prompt, max_new_tokens, chain)
+    res = generate(target, draft.eval(), x, prompt, max_new_tokens, chain, stop_below=stop_below, delay=delay)
     dt = time.perf_counter() - t0
     stats = {"tau": tau([res]), "rounds": float(len(res.rounds)), "tokens": float(len(res.tokens)),
              "tokens_per_s": len(res.tokens) / max(dt, 1e-9)}

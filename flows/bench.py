@@ -304,7 +304,7 @@ def speculative_section(profile: str) -> dict[str, Any]:
         "speedup": m.get("speedup"),
         "ablation": {v: {"tau": r["tau"], "speedup": r["speedup"]} for v, r in ablation.items()},
         "ablation_detail": ablation,
-        "conditions": {"chain": params.chain, "stop_below": params.stop_below, "max_new_tokens": params.max_new_tokens,
+        "conditions": {"chain": params.chain, "stop_below": params.stop_below, "delay": params.delay, "max_new_tokens": params.max_new_tokens,
                        "batch": 1,
                        "heldout_world": m.get("heldout_world"), "heldout_fresh": m.get("heldout_fresh"),
                        "draft_steps": params.steps, "ablation_steps": params.ablation_steps,

@@ -122,6 +122,7 @@ def ask(model: str = typer.Option(..., "--model", "-m"),
         draft: str = typer.Option("models:/hyperbagel-draft@champion", "--draft",
                                   help="the draft's model URI (other profiles: hyperbagel-draft-PROFILE)"),
         chain: int = typer.Option(10, help="draft tokens per round"),
+        delay: int = typer.Option(1, min=0, help="target-only steps before the first draft round"),
         verbose: bool = typer.Option(False, "--verbose", "-v", help="print tau and tokens/s")):
     """Answer a question about an image (or describe it: 'describe the image in detail')."""
     src = _read_image(image)
@@ -137,10 +138,12 @@ def ask(model: str = typer.Option(..., "--model", "-m"),
         return load_draft(ckpt, teacher.understanding, md5)
 
     drafter = _run(_draft)
-    answer, stats = _run(lambda: spec.ask(teacher, drafter, src, question, max_new_tokens, chain, compare=verbose))
+    answer, stats = _run(lambda: spec.ask(teacher, drafter, src, question, max_new_tokens, chain, compare=verbose,
+                                                   delay=delay))
     typer.echo(answer)
     if verbose:
-        err.print(f"tau {stats['tau']:.2f} ({stats['rounds']:.0f} rounds, {stats['tokens']:.0f} tokens); "
+        tau = f"{stats['tau']:.2f}" if stats["rounds"] else "- (the answer ended before a draft round)"
+        err.print(f"tau {tau} ({stats['rounds']:.0f} rounds, {stats['tokens']:.0f} tokens); "
                   f"{stats['tokens_per_s']:.1f} tokens/s speculative, {stats['tokens_per_s_target']:.1f} tokens/s "
                   f"target alone ({stats['tokens_per_s'] / max(stats['tokens_per_s_target'], 1e-9):.2f}x); "
                   f"identical to the target's answer: {'yes' if stats['identical'] else 'no'}")

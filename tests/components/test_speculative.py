@@ -35,10 +35,29 @@ def test_greedy_is_lossless_with_an_untrained_draft(kw):
     target = _target()
     draft = Draft.from_target(target, DraftConfig.for_target(target, **kw)).eval()
     images, prompts = _prompts(24, 12)
-    for chain in (1, 10):
-        bench = speculative.benchmark(target, draft, images, prompts, max_new_tokens=20, chain=chain)
+    for chain, delay in ((1, 0), (10, 0), (10, 1), (3, 5)):
+        bench = speculative.benchmark(target, draft, images, prompts, max_new_tokens=20, chain=chain, delay=delay)
         assert bench.n_prompts == 24 and bench.identical_fraction == 1.0
         assert bench.tau >= 1.0 and bench.tokens > 0 and len(bench.alpha) == chain
+
+
+def test_answers_that_end_within_the_delay_run_no_draft_round():
+    """With ``delay`` target-only steps, an answer of at most delay + 1 tokens (eos included) is decoded
+    without a draft round; a longer one drafts after them, and both are the target's own answer."""
+    torch.set_num_threads(1)
+    target = _target(seed=0)  # its answers: some of one token, some running to the limit
+    draft = Draft.from_target(target, DraftConfig.for_target(target, fusion="meta", zero_init=False)).eval()
+    images, prompts = _prompts(12, 12)
+    lengths = set()
+    for img, prompt in zip(images, prompts):
+        plain = target.generate(img[None], [prompt], 12)[0]
+        emitted = len(plain) + (len(plain) < 12)  # tokens decoded, the eos included when the answer ends
+        lengths.add(emitted)
+        for delay in (0, 2, 11):
+            res = speculative.generate(target, draft, img[None], prompt, max_new_tokens=12, chain=4, delay=delay)
+            assert res.tokens == plain
+            assert (len(res.rounds) == 0) == (emitted <= 1 + delay)
+    assert min(lengths) <= 3 < max(lengths)  # both cases were exercised at delay 2
 
 
 def _bigram_pair() -> tuple[Understanding, Draft]:
