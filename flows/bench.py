@@ -53,14 +53,28 @@ class PeakRss:
         self._t.join()
 
 
+def _cpu_model() -> str | None:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
+
+
 def machine() -> dict[str, Any]:
+    """What the figures depend on, bfloat16 included: without native bfloat16 the generation stages run
+    in float32 (components.inference.bf16_native), so the same profile times differently."""
     import psutil
     import torch
 
+    from components.inference import bf16_native
+
     return {"platform": platform.platform(), "python": platform.python_version(),
-            "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+            "cpu": platform.processor() or platform.machine(), "cpu_model": _cpu_model(), "cores": os.cpu_count(),
             "memory_gb": round(psutil.virtual_memory().total / 2**30, 1), "torch": torch.__version__,
-            "gpu": torch.cuda.is_available()}
+            "gpu": torch.cuda.is_available(), "bf16_native": bf16_native()}
 
 
 def pipeline_section(profile: str) -> dict[str, Any]:
@@ -348,8 +362,9 @@ def to_markdown(report: dict[str, Any]) -> str:
     lines = ["# Benchmark report", "",
              f"- command: `{report['command']}`", f"- profile: `{report['profile']}`", f"- date: {report['date']}",
              f"- git: `{report.get('git_sha')}`",
-             f"- machine: {m['cores']} cores, {m['memory_gb']} GiB, {m['cpu']}, {m['platform']}, "
-             f"Python {m['python']}, torch {m['torch']}, GPU: {m['gpu']}", ""]
+             f"- machine: {m['cores']} cores, {m['memory_gb']} GiB, {m.get('cpu_model') or m['cpu']}, "
+             f"{m['platform']}, Python {m['python']}, torch {m['torch']}, GPU: {m['gpu']}, "
+             f"native bfloat16: {m.get('bf16_native', 'not recorded')}", ""]
     for name in SECTIONS:
         if name not in report:
             continue
