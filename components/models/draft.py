@@ -36,7 +36,7 @@ from torch import nn
 from transformers import DynamicCache, Qwen2Config
 from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer, Qwen2RMSNorm, Qwen2RotaryEmbedding
 
-from components.models.kv_decoder import LayerStack
+from components.models.kv_decoder import LayerStack, causal_allowed
 from components.models.understanding import Understanding
 
 
@@ -84,11 +84,6 @@ def additive_mask(allowed: torch.Tensor, dtype: torch.dtype = torch.float32) -> 
     """``(q, k)`` or ``(B, q, k)`` booleans (True: may attend) -> ``(B|1, 1, q, k)`` additive mask."""
     m = torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
     return m[None, None] if m.dim() == 2 else m[:, None]
-
-
-def causal_allowed(q_len: int, past: int) -> torch.Tensor:
-    """New queries ``past .. past+q_len-1`` over keys ``0 .. past+q_len-1``."""
-    return torch.arange(past + q_len)[None, :] <= (past + torch.arange(q_len))[:, None]
 
 
 class MetaQueryFusion(nn.Module):
@@ -215,7 +210,6 @@ class DraftDecoder:
         self.draft = draft
         self.dec = LayerStack([draft.dec], draft.rotary, 1, max_len) if draft.cfg.fusion == "meta" else None
         self.layers = LayerStack(draft.layers, draft.rotary, 1, max_len)
-        self.norm_w, self.norm_eps = draft.norm.weight.detach(), draft.norm.variance_epsilon
 
     def fuse(self, states: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """``F_in`` for the next target positions ``positions`` ``(S,)``, after those in the Dec cache."""
@@ -230,7 +224,7 @@ class DraftDecoder:
         return self.layers.forward(self.draft.fc2(torch.cat([feat, emb], dim=-1)), positions[None])[0]
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
-        return F.linear(F.rms_norm(h, (h.shape[-1],), self.norm_w, self.norm_eps), self.draft.lm_head.weight)
+        return self.draft.logits(h)
 
 
 def target_states(out) -> torch.Tensor:

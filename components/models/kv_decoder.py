@@ -13,8 +13,9 @@ weights, with the same operations in the same order, and less around them:
 
 It is an inference path only: the projections are concatenated copies, made when a stack is
 first built over a layer and remade when its parameters change (in-place version counters), so
-``Understanding.generate`` and speculative decoding build a stack per call at little cost. Logits and hidden states agree with ``transformers``' to float32
-rounding (tests/components/test_models.py); training keeps ``transformers``' modules.
+``Understanding.generate`` and speculative decoding build a stack per call at little cost.
+Logits and hidden states agree with ``transformers``' to float32 rounding
+(tests/components/test_models.py); training keeps ``transformers``' modules.
 """
 
 from __future__ import annotations
@@ -51,6 +52,11 @@ def _fused(layer: Qwen2DecoderLayer) -> tuple:
     return weights
 
 
+def causal_allowed(q_len: int, past: int) -> torch.Tensor:
+    """New queries ``past .. past+q_len-1`` over keys ``0 .. past+q_len-1``."""
+    return torch.arange(past + q_len)[None, :] <= (past + torch.arange(q_len))[:, None]
+
+
 class LayerStack:
     """Qwen2 decoder layers with a static KV cache of ``batch`` rows and ``max_len`` slots.
 
@@ -65,7 +71,6 @@ class LayerStack:
         self.heads = attn.config.num_attention_heads
         self.kv_heads = attn.config.num_key_value_heads
         self.head_dim = attn.head_dim
-        self.width = attn.config.hidden_size
         self.max_len = max_len
         self.weights = [_fused(layer) for layer in layers]
         dtype = self.weights[0][2].dtype
@@ -98,7 +103,7 @@ class LayerStack:
         cos, sin = self.cos[positions][:, None], self.sin[positions][:, None]   # (B, 1, q, hd)
         mask = None
         if q > 1 or key_valid is not None:
-            mask = (torch.arange(e)[None] <= torch.arange(s, e)[:, None])[None, None]  # causal over slots
+            mask = causal_allowed(q, s)[None, None]  # causal over slots
             if key_valid is not None:  # padding slots are never read; a padding query reads itself (no NaN)
                 mask = (mask & key_valid[:, None, None, :e]) | (torch.arange(e)[None] == torch.arange(s, e)[:, None])
         nq, nk = self.heads * self.head_dim, self.kv_heads * self.head_dim
@@ -133,10 +138,6 @@ class LeanLM:
         self.norm_w, self.norm_eps = m.norm.weight.detach(), m.norm.variance_epsilon
         self.head_w = lm.lm_head.weight.detach()
         self.stack = LayerStack(m.layers, m.rotary_emb, batch, max_len)
-
-    @property
-    def length(self) -> int:
-        return self.stack.length
 
     def crop(self, length: int) -> None:
         self.stack.crop(length)
