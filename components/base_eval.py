@@ -32,12 +32,16 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from components import sampling
-from components.base import answer_accuracy
+from components.base import Params as BaseParams
+from components.base import answer_accuracy, build_teacher
 from components.base_data import load_world
 from components.checkpoints import load_checkpoint
 from components.evaluation import geneval
 from components.evaluation.gedit_judge import ShapesJudge
+from components.distill import student_model
 from components.inference import InputError, Teacher
+from components.models.generator import SCALE_EMBEDDINGS, Generator
+from components.models.tokens import Tokenizer
 from components.training import StageContext
 from components.world import gedit, geneval_prompts
 from components.world.render import render
@@ -152,14 +156,18 @@ def _gedit(teacher: Teacher, p: Params, out_dir: Path, log) -> tuple[dict, dict[
     return summary, {"gedit_source_result": _grid(shown)} if shown else {}
 
 
+def speed_inputs() -> tuple[str, np.ndarray, str]:
+    """What every speed measurement samples: a fixed prompt, and the first GEdit-shapes edit's source
+    image and English instruction."""
+    first = gedit.make_samples(seed=0, scale=0.01)[0]
+    return SPEED_PROMPT, render(first["source"]), gedit.instruction(first["edit"], "en", first["variant"])
+
+
 def sampling_speed(model: Teacher, batch: int, num_steps: int | None = None, seed: int = 0,
                    repeats: int = 1) -> dict[str, float]:
     """Seconds per image (best of ``repeats``, after one untimed warm-up call per shape) at batch 1
-    and at ``batch`` for T2I and editing, on a fixed prompt and GEdit-shapes edit, and the NFE
-    counted per image."""
-    first = gedit.make_samples(seed=0, scale=0.01)[0]
-    src = render(first["source"])
-    instr = gedit.instruction(first["edit"], "en", first["variant"])
+    and at ``batch`` for T2I and editing, on :func:`speed_inputs`, and the NFE counted per image."""
+    prompt, src, instr = speed_inputs()
 
     def best(fn, *args) -> float:
         fn(*args, seed=seed, num_steps=num_steps)
@@ -167,7 +175,7 @@ def sampling_speed(model: Teacher, batch: int, num_steps: int | None = None, see
 
     out: dict[str, float] = {}
     for b in (batch, 1):
-        out[f"t2i_b{b}_s"] = best(model.generate, [SPEED_PROMPT] * b) / b
+        out[f"t2i_b{b}_s"] = best(model.generate, [prompt] * b) / b
     out["nfe_t2i"] = float(model.last_nfe)
     for b in (batch, 1):
         try:
@@ -175,6 +183,44 @@ def sampling_speed(model: Teacher, batch: int, num_steps: int | None = None, see
         except InputError:
             continue
         out["nfe_edit"] = float(model.last_nfe)
+    return out
+
+
+def compare_speed(models: dict[str, Teacher], batch: int, repeats: int = 3, rounds: int = 2
+                  ) -> dict[str, dict[str, float]]:
+    """:func:`sampling_speed` of every model, in ``rounds`` alternating rounds so that each sees the
+    same machine state; per timing the best over the rounds."""
+    timing: dict[str, dict[str, float]] = {name: {} for name in models}
+    for _ in range(rounds):
+        for name, model in models.items():
+            for k, v in sampling_speed(model, batch, repeats=repeats).items():
+                timing[name][k] = min(v, timing[name].get(k, v)) if k.endswith("_s") else v
+    return timing
+
+
+def untrained_pair(p: BaseParams, sample_steps: int, shift: float, seed: int = 0) -> dict[str, Teacher]:
+    """``{"teacher": ..., "student": ...}`` with random weights: the teacher that base parameters ``p``
+    train, and a CFG-distilled student of its generator (scale embeddings, ``sample_steps`` passes).
+    What the pipeline would time, before any training: a pass's compute does not depend on the weights."""
+    prompt, _, instr = speed_inputs()
+    tok = Tokenizer.from_texts([prompt, instr])
+    torch.manual_seed(seed)
+    teacher = build_teacher(p, tok)
+    teacher.autoencoder.eval(), teacher.generator.eval(), teacher.understanding.eval()
+    gen = Generator(teacher.generator.cfg)
+    gen.load_state_dict(teacher.generator.state_dict())
+    gen.add_extra_embeddings(SCALE_EMBEDDINGS)
+    return {"teacher": teacher, "student": student_model(teacher, gen, sample_steps, shift)}
+
+
+def speedups(slow: dict[str, float], fast: dict[str, float], batch: int) -> dict[str, float]:
+    """``{task_bB: slow / fast}`` for T2I and editing at batch 1 and ``batch``, where both were timed."""
+    out = {}
+    for task in ("t2i", "edit"):
+        for b in (1, batch):
+            k = f"{task}_b{b}_s"
+            if k in slow and k in fast:
+                out[f"{task}_b{b}"] = round(slow[k] / fast[k], 2)
     return out
 
 

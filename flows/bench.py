@@ -1,7 +1,8 @@
 """`hyperbagel bench`: run the profile (or reuse its finished outputs), measure, write the report.
 
 Writes ``reports/benchmark.json`` and ``reports/BENCHMARK.md`` with the machine, the
-profile, the command and the date. Each section is a function registered in
+profile, the command and the date: of the last run in the header, and of the run that measured
+each section in ``provenance`` (a report can hold sections of several runs). Each section is a function registered in
 ``SECTIONS``; a section that cannot be measured records its error instead of numbers.
 """
 
@@ -194,7 +195,7 @@ def distill6_section(profile: str) -> dict[str, Any]:
     in this process, alternately (batch 1 and 16)."""
     import shutil
 
-    from components.base_eval import sampling_speed
+    from components.base_eval import compare_speed, speedups
     from components.inference import Teacher
     from tasks.project import find_project, workspace
 
@@ -224,19 +225,10 @@ def distill6_section(profile: str) -> dict[str, Any]:
     for row in ("cfg_distill", "tscd"):
         gedit[row] = _gedit_row(ev[f"{row}_eval"])
 
-    teacher, six = Teacher.load(ws.out_path("base")), Teacher.load(ws.out_path("dmdo"))
+    models = {"teacher": Teacher.load(ws.out_path("base")), "dmdo": Teacher.load(ws.out_path("dmdo"))}
     batch = int((params.get("dmdo_eval") or {}).get("batch", 16))
-    timing = {"teacher": {}, "dmdo": {}}
-    for _ in range(2):  # alternate, so both see the same machine state; keep the best of each
-        for name, model in (("teacher", teacher), ("dmdo", six)):
-            for k, v in sampling_speed(model, batch, repeats=SPEED_REPEATS).items():
-                timing[name][k] = min(v, timing[name].get(k, v)) if k.endswith("_s") else v
-    speedup = {}
-    for task in ("t2i", "edit"):
-        for b in (1, batch):
-            k = f"{task}_b{b}_s"
-            if k in timing["teacher"] and k in timing["dmdo"]:
-                speedup[f"{task}_b{b}"] = round(timing["teacher"][k] / timing["dmdo"][k], 2)
+    timing = compare_speed(models, batch, repeats=SPEED_REPEATS)
+    speedup = speedups(timing["teacher"], timing["dmdo"], batch)
     reports = find_project() / "reports" / "distill6"
     reports.mkdir(parents=True, exist_ok=True)
     images = []
@@ -281,6 +273,32 @@ def _finite(x: Any) -> Any:
     if isinstance(x, dict):
         return {k: _finite(v) for k, v in x.items()}
     return x
+
+
+def speed_section(profile: str) -> dict[str, Any]:
+    """Sampling speed on this machine before any training: the profile's teacher architecture (BAGEL's
+    CFG, 100 NFE per image, 132 per edit) and a 6-NFE student of its generator, both with random
+    weights (a pass costs the same whatever the weights), timed like `distill6` (alternately, in this
+    process, batch 1 and the `dmdo_eval` batch). Minutes instead of the pipeline's hours; `distill6`
+    times the trained checkpoints."""
+    from components import base, dmdo
+    from components.base_eval import compare_speed, speedups, untrained_pair
+    from tasks.project import find_project, workspace
+
+    params = workspace(find_project(), profile).resolved_params()
+    bp = base.Params.model_validate(params.get("base") or {})
+    if bp.source != "train":
+        raise ValueError("the speed section times the architecture the base stage trains; with source "
+                         "`import` the teacher is the imported checkpoint: see the `distill6` section")
+    dp = dmdo.Params.model_validate(params.get("dmdo") or {})
+    batch = int((params.get("dmdo_eval") or {}).get("batch", 16))
+    timing = compare_speed(untrained_pair(bp, dp.sample_steps, dp.shift), batch, repeats=SPEED_REPEATS)
+    return {"speedup": speedups(timing["teacher"], timing["student"], batch), "sample_s": timing,
+            "nfe": {"teacher_t2i": timing["teacher"].get("nfe_t2i"), "teacher_edit": timing["teacher"].get("nfe_edit"),
+                    "t2i": timing["student"].get("nfe_t2i"), "edit": timing["student"].get("nfe_edit")},
+            "conditions": {"weights": "random", "batch": batch, "repeats": SPEED_REPEATS, "rounds": 2,
+                           "bf16_requested": bp.bf16, "generator": {"space": bp.gen_space, "width": bp.gen_width,
+                                                                    "depth": bp.gen_depth, "patch": bp.gen_patch}}}
 
 
 def speculative_section(profile: str) -> dict[str, Any]:
@@ -331,6 +349,7 @@ SECTIONS: dict[str, Callable[[str], dict[str, Any]]] = {
     "world": world_section,
     "base": base_section,
     "distill6": distill6_section,
+    "speed": speed_section,
     "speculative": speculative_section,
 }
 
@@ -342,9 +361,10 @@ def run_bench(profile: str, sections: list[str] | None, out_dir: Path) -> dict[s
     import subprocess
 
     sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    report.update({"machine": machine(), "profile": profile, "git_sha": sha or None,
-                   "command": " ".join(["hyperbagel", *sys.argv[1:]]) if sys.argv else "hyperbagel bench",
-                   "date": dt.datetime.now().isoformat(timespec="seconds")})
+    run = {"machine": machine(), "profile": profile, "git_sha": sha or None,
+           "command": " ".join(["hyperbagel", *sys.argv[1:]]) if sys.argv else "hyperbagel bench",
+           "date": dt.datetime.now().isoformat(timespec="seconds")}
+    report.update(run)  # the header: the last run
     for name in sections or list(SECTIONS):
         t0 = time.time()
         try:
@@ -352,6 +372,8 @@ def run_bench(profile: str, sections: list[str] | None, out_dir: Path) -> dict[s
         except Exception as e:  # record what failed; other sections still run
             report[name] = {"error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()[-2000:]}
         report.setdefault("section_s", {})[name] = round(time.time() - t0, 1)
+        # each section's own provenance: a report collects sections of several runs (and machines)
+        report.setdefault("provenance", {})[name] = run
     path.write_text(json.dumps(report, indent=2, sort_keys=False, default=str) + "\n")
     (out_dir / "BENCHMARK.md").write_text(to_markdown(report))
     return report
@@ -368,7 +390,14 @@ def to_markdown(report: dict[str, Any]) -> str:
     for name in SECTIONS:
         if name not in report:
             continue
-        lines += [f"## {name}", "", "```json", json.dumps(report[name], indent=2, default=str), "```", ""]
+        lines += [f"## {name}", ""]
+        run = (report.get("provenance") or {}).get(name)
+        if run:
+            rm = run["machine"]
+            lines += [f"Measured by `{run['command']}` ({run['profile']} profile) at git `{run['git_sha']}` on "
+                      f"{run['date']}; machine {rm.get('cpu_model') or rm['cpu']}, {rm['platform']}, native "
+                      f"bfloat16: {rm.get('bf16_native', 'not recorded')}.", ""]
+        lines += ["```json", json.dumps(report[name], indent=2, default=str), "```", ""]
         for img in report[name].get("images", []) if isinstance(report[name], dict) else []:
             lines += [f"![{img}]({img})", ""]
     return "\n".join(lines)

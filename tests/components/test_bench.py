@@ -1,0 +1,77 @@
+"""The benchmark report's own machinery: the `speed` section (random weights) and per-section provenance."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from components import base
+from components.base_eval import untrained_pair
+
+
+class _Workspace:
+    def __init__(self, params: dict):
+        self.params = params
+
+    def resolved_params(self):
+        return self.params
+
+
+TINY = {"gen_width": 32, "gen_depth": 2, "gen_heads": 2, "gen_text_layers": 1, "und_hidden": 32, "und_layers": 2,
+        "und_heads": 2, "und_kv_heads": 1, "und_intermediate": 64, "ae_channels": [8, 16]}
+
+
+@pytest.fixture
+def tiny_profile(monkeypatch, tmp_path):
+    import tasks.project
+
+    ws = _Workspace({"base": dict(TINY), "dmdo": {"sample_steps": 3}, "dmdo_eval": {"batch": 2}})
+    monkeypatch.setattr(tasks.project, "workspace", lambda project, profile: ws)
+    monkeypatch.setattr(tasks.project, "find_project", lambda: tmp_path)
+    return ws
+
+
+def test_untrained_pair_is_the_trained_architecture_and_its_student():
+    p = base.Params(**TINY)
+    pair = untrained_pair(p, sample_steps=6, shift=3.0)
+    teacher, student = pair["teacher"], pair["student"]
+    assert not teacher.embedded_cfg and teacher.default_steps == 50
+    assert student.embedded_cfg and student.default_steps == 6
+    # the student is the teacher's generator plus the (zero-initialised) scale embeddings
+    t_sd, s_sd = teacher.generator.state_dict(), student.generator.state_dict()
+    assert set(t_sd) < set(s_sd)
+    assert all(torch.equal(t_sd[k], s_sd[k]) for k in t_sd)
+    assert student.generator.cfg.width == p.gen_width and student.generator.cfg.depth == p.gen_depth
+
+
+def test_speed_section_times_teacher_and_student(tiny_profile):
+    from flows.bench import speed_section
+
+    torch.set_num_threads(1)
+    rep = speed_section("smoke")
+    assert rep["nfe"] == {"teacher_t2i": 100.0, "teacher_edit": 132.0, "t2i": 3.0, "edit": 3.0}
+    assert set(rep["speedup"]) == {"t2i_b1", "t2i_b2", "edit_b1", "edit_b2"}
+    for k, v in rep["speedup"].items():
+        task, b = k.split("_")
+        assert v == round(rep["sample_s"]["teacher"][f"{task}_{b}_s"] / rep["sample_s"]["student"][f"{task}_{b}_s"], 2)
+    assert rep["conditions"]["weights"] == "random"
+    # an imported teacher is not an architecture the section can build
+    tiny_profile.params["base"] = {**TINY, "source": "import", "import_path": "x", "import_md5": "0" * 32}
+    with pytest.raises(ValueError, match="import"):
+        speed_section("smoke")
+
+
+def test_each_section_records_the_run_that_measured_it(monkeypatch, tmp_path):
+    import flows.bench as bench
+
+    monkeypatch.setattr(bench, "SECTIONS", {"one": lambda profile: {"x": 1}, "two": lambda profile: {"y": 2}})
+    bench.run_bench("smoke", ["one"], tmp_path)
+    first = json.loads((tmp_path / "benchmark.json").read_text())["provenance"]["one"]
+    report = bench.run_bench("default", ["two"], tmp_path)
+    assert report["provenance"]["one"] == first and first["profile"] == "smoke"
+    assert report["provenance"]["two"]["profile"] == "default" and report["profile"] == "default"
+    assert {"platform", "cores", "bf16_native"} <= set(report["provenance"]["two"]["machine"])
+    md = (tmp_path / "BENCHMARK.md").read_text()
+    assert md.count("Measured by `") == 2 and "(smoke profile)" in md and "(default profile)" in md
