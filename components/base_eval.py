@@ -206,7 +206,8 @@ def untrained_pair(p: BaseParams, sample_steps: int, shift: float, seed: int = 0
     tok = Tokenizer.from_texts([prompt, instr])
     torch.manual_seed(seed)
     teacher = build_teacher(p, tok)
-    teacher.autoencoder.eval(), teacher.generator.eval(), teacher.understanding.eval()
+    for part in (teacher.autoencoder, teacher.generator, teacher.understanding):
+        part.eval()
     gen = Generator(teacher.generator.cfg)
     gen.load_state_dict(teacher.generator.state_dict())
     gen.add_extra_embeddings(SCALE_EMBEDDINGS)

@@ -1,9 +1,10 @@
 """`hyperbagel bench`: run the profile (or reuse its finished outputs), measure, write the report.
 
 Writes ``reports/benchmark.json`` and ``reports/BENCHMARK.md`` with the machine, the
-profile, the command and the date: of the last run in the header, and of the run that measured
-each section in ``provenance`` (a report can hold sections of several runs). Each section is a function registered in
-``SECTIONS``; a section that cannot be measured records its error instead of numbers.
+profile, the command and the date: of the last run in the header, and of the run that
+measured each section in ``provenance`` (a report can hold sections of several runs). Each
+section is a function registered in ``SECTIONS``; a section that cannot be measured records
+its error instead of numbers.
 """
 
 from __future__ import annotations
