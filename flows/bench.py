@@ -22,7 +22,8 @@ from typing import Any, Callable
 
 from components.checkpoints import read_json
 
-SPEED_REPEATS = 3  # distill6: each timing is the best of this many calls per round (two alternating rounds)
+SPEED_REPEATS = 3  # distill6 and speed: each timing is the best of this many calls per round ...
+SPEED_ROUNDS = 2  # ... over this many alternating rounds
 
 
 class PeakRss:
@@ -228,7 +229,7 @@ def distill6_section(profile: str) -> dict[str, Any]:
 
     models = {"teacher": Teacher.load(ws.out_path("base")), "dmdo": Teacher.load(ws.out_path("dmdo"))}
     batch = int((params.get("dmdo_eval") or {}).get("batch", 16))
-    timing = compare_speed(models, batch, repeats=SPEED_REPEATS)
+    timing = compare_speed(models, batch, repeats=SPEED_REPEATS, rounds=SPEED_ROUNDS)
     speedup = speedups(timing["teacher"], timing["dmdo"], batch)
     reports = find_project() / "reports" / "distill6"
     reports.mkdir(parents=True, exist_ok=True)
@@ -293,11 +294,12 @@ def speed_section(profile: str) -> dict[str, Any]:
                          "`import` the teacher is the imported checkpoint: see the `distill6` section")
     dp = dmdo.Params.model_validate(params.get("dmdo") or {})
     batch = int((params.get("dmdo_eval") or {}).get("batch", 16))
-    timing = compare_speed(untrained_pair(bp, dp.sample_steps, dp.shift), batch, repeats=SPEED_REPEATS)
+    timing = compare_speed(untrained_pair(bp, dp.sample_steps, dp.shift), batch, repeats=SPEED_REPEATS,
+                           rounds=SPEED_ROUNDS)
     return {"speedup": speedups(timing["teacher"], timing["student"], batch), "sample_s": timing,
             "nfe": {"teacher_t2i": timing["teacher"].get("nfe_t2i"), "teacher_edit": timing["teacher"].get("nfe_edit"),
                     "t2i": timing["student"].get("nfe_t2i"), "edit": timing["student"].get("nfe_edit")},
-            "conditions": {"weights": "random", "batch": batch, "repeats": SPEED_REPEATS, "rounds": 2,
+            "conditions": {"weights": "random", "batch": batch, "repeats": SPEED_REPEATS, "rounds": SPEED_ROUNDS,
                            "bf16_requested": bp.bf16, "generator": {"space": bp.gen_space, "width": bp.gen_width,
                                                                     "depth": bp.gen_depth, "patch": bp.gen_patch}}}
 
@@ -380,24 +382,26 @@ def run_bench(profile: str, sections: list[str] | None, out_dir: Path) -> dict[s
     return report
 
 
+def _describe(m: dict[str, Any]) -> str:
+    return (f"{m['cores']} cores, {m['memory_gb']} GiB, {m.get('cpu_model') or m['cpu']}, {m['platform']}, "
+            f"Python {m['python']}, torch {m['torch']}, GPU: {m['gpu']}, "
+            f"native bfloat16: {m.get('bf16_native', 'not recorded')}")
+
+
 def to_markdown(report: dict[str, Any]) -> str:
     m = report["machine"]
     lines = ["# Benchmark report", "",
              f"- command: `{report['command']}`", f"- profile: `{report['profile']}`", f"- date: {report['date']}",
              f"- git: `{report.get('git_sha')}`",
-             f"- machine: {m['cores']} cores, {m['memory_gb']} GiB, {m.get('cpu_model') or m['cpu']}, "
-             f"{m['platform']}, Python {m['python']}, torch {m['torch']}, GPU: {m['gpu']}, "
-             f"native bfloat16: {m.get('bf16_native', 'not recorded')}", ""]
+             f"- machine: {_describe(m)}", ""]
     for name in SECTIONS:
         if name not in report:
             continue
         lines += [f"## {name}", ""]
         run = (report.get("provenance") or {}).get(name)
         if run:
-            rm = run["machine"]
             lines += [f"Measured by `{run['command']}` ({run['profile']} profile) at git `{run['git_sha']}` on "
-                      f"{run['date']}; machine {rm.get('cpu_model') or rm['cpu']}, {rm['platform']}, native "
-                      f"bfloat16: {rm.get('bf16_native', 'not recorded')}.", ""]
+                      f"{run['date']}; machine: {_describe(run['machine'])}.", ""]
         lines += ["```json", json.dumps(report[name], indent=2, default=str), "```", ""]
         for img in report[name].get("images", []) if isinstance(report[name], dict) else []:
             lines += [f"![{img}]({img})", ""]
