@@ -219,12 +219,14 @@ def test_serve_registers_scheduled_deployments_on_a_prefect_server(served):
     """The deployments exist with their schedules; the server's scheduler (not `serve`) creates the
     scheduled runs, and the served process runs what comes due."""
     t0 = time.time()
-    pipeline_dep = served.wait_for("the pipeline deployment", lambda: served.deployment(f"pipeline-{PROFILE}"))
+    # `serve` registers its deployments one after another: wait for all three, not only the first
+    names = {f"pipeline-{PROFILE}", f"retrain-{PROFILE}", f"promote-{PROFILE}"}
+    served.wait_for("the three deployments",
+                    lambda: {d["name"] for d in served.post("/deployments/filter", {})} >= names)
+    pipeline_dep = served.deployment(f"pipeline-{PROFILE}")
     runs = served.wait_for("scheduled runs of the pipeline deployment",
                            lambda: served.runs(pipeline_dep, "SCHEDULED"))
     print(f"deployments and scheduled runs after {time.time() - t0:.1f} s")
-    assert {d["name"] for d in served.post("/deployments/filter", {})} >= {
-        f"pipeline-{PROFILE}", f"retrain-{PROFILE}", f"promote-{PROFILE}"}
     assert [s["schedule"]["cron"] for s in pipeline_dep["schedules"]] == ["0 3 * * *"]
     assert pipeline_dep["schedules"][0]["schedule"]["timezone"] == "UTC"
     assert pipeline_dep["parameters"] == {"profile": PROFILE}
