@@ -315,9 +315,12 @@ def load_draft(path, target: Understanding | None = None, expected_md5: str | No
     return draft.eval()
 
 
+KIND_QA, KIND_CAPTION = "qa", "caption"  # the held-out prompts' kinds, figures per kind as ``<metric>_<kind>``
+
+
 def evaluate(state: TrainState) -> dict[str, float]:
     """Greedy speculative decoding of ``eval_prompts`` held-out Q&A and caption prompts at batch 1
-    (:func:`heldout_rows`)."""
+    (:func:`heldout_rows`), overall and per kind (``tau_caption``, ``speedup_qa``, ...)."""
     p: Params = state.extra["params"]
     out = {"regen_s": float(state.data["regen_s"]), "train_rows": float(len(state.data["seqs"]))}
     if not p.eval_prompts:
@@ -326,9 +329,10 @@ def evaluate(state: TrainState) -> dict[str, float]:
     teacher: Teacher = state.extra["teacher"]
     held = heldout_rows(world, p.eval_prompts, p.seed, teacher)
     prompts = [teacher.prompt_ids(q) for q in held.texts]
+    kinds = [KIND_CAPTION if q == CAPTION_PROMPT else KIND_QA for q in held.texts]
     res = speculative.benchmark(state.extra["target"], _raw(state.modules["draft"]).eval(),
                                 _images(held.images), prompts, p.max_new_tokens, p.chain, p.stop_below,
-                                p.delay)
+                                p.delay, kinds)
     out["heldout_world"] = float(min(len(held), len(world.und_heldout) if world.und_heldout is not None else 0))
     out["heldout_fresh"] = float(len(held) - out["heldout_world"])
     out.update({k2: v for k2, v in res.metrics().items() if not (isinstance(v, float) and math.isnan(v))})

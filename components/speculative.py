@@ -204,29 +204,39 @@ class Benchmark:
     tokens_per_s: dict[str, float]
     speedup: float
     tokens: int
+    by_kind: dict[str, dict] = field(default_factory=dict)  # kind -> the same figures over its prompts
 
     def metrics(self) -> dict[str, float]:
         out = {"n_prompts": float(self.n_prompts), "identical_fraction": self.identical_fraction, "tau": self.tau,
                "tokens_per_s_target": self.tokens_per_s["target"],
                "tokens_per_s_speculative": self.tokens_per_s["speculative"], "speedup": self.speedup}
         out.update({f"alpha_{i + 1}": a for i, a in enumerate(self.alpha)})
+        for kind, k in self.by_kind.items():
+            out.update({f"{key}_{kind}": float(k[key]) for key in ("n_prompts", "tokens", "tau", "speedup")})
         return out
 
     def report(self) -> dict:
         """The benchmark report's ``speculative`` keys (without the ablation)."""
         return {"n_prompts": self.n_prompts, "identical_fraction": self.identical_fraction, "tau": self.tau,
-                "alpha": self.alpha, "tokens_per_s": dict(self.tokens_per_s), "speedup": self.speedup}
+                "alpha": self.alpha, "tokens_per_s": dict(self.tokens_per_s), "speedup": self.speedup,
+                "by_kind": {kind: dict(k) for kind, k in self.by_kind.items()}}
 
 
 @torch.no_grad()
 def benchmark(target: Understanding, draft: Draft, images: torch.Tensor, prompts: list[list[int]],
-              max_new_tokens: int = 48, chain: int = 10, stop_below: float = 0.0, delay: int = 0) -> Benchmark:
+              max_new_tokens: int = 48, chain: int = 10, stop_below: float = 0.0, delay: int = 0,
+              kinds: list[str] | None = None) -> Benchmark:
     """Greedy decoding of every prompt by the target alone and with speculation, at batch 1:
-    identical outputs, τ, n-α (n = 1..chain) and tokens/s of both (the same answer tokens)."""
+    identical outputs, τ, n-α (n = 1..chain) and tokens/s of both (the same answer tokens).
+
+    ``kinds`` (one label per prompt, e.g. ``qa`` / ``caption``) adds the figures per kind: a mix
+    of one-word answers and long captions has one overall speed-up, but speculation can only
+    shorten the long ones."""
+    if kinds is not None and len(kinds) != len(prompts):
+        raise ValueError(f"{len(kinds)} kinds for {len(prompts)} prompts")
     target.eval()
     draft.eval()
-    t_target = t_spec = 0.0
-    same, tokens, results = 0, 0, []
+    rows = []  # (kind, answer tokens, target s, speculative s, identical, result)
     for i, prompt in enumerate(prompts):
         img = images[i:i + 1]
         t0 = time.perf_counter()
@@ -234,15 +244,23 @@ def benchmark(target: Understanding, draft: Draft, images: torch.Tensor, prompts
         t1 = time.perf_counter()
         res = generate(target, draft, img, prompt, max_new_tokens, chain, stop_below=stop_below, delay=delay)
         t2 = time.perf_counter()
-        t_target += t1 - t0
-        t_spec += t2 - t1
-        same += res.tokens == ref
-        tokens += len(ref)
-        results.append(res)
-    n = len(prompts)
-    tps = {"target": tokens / max(t_target, 1e-9), "speculative": tokens / max(t_spec, 1e-9)}
-    return Benchmark(n, same / max(n, 1), tau(results), alphas(results, chain), tps,
-                     tps["speculative"] / max(tps["target"], 1e-9), tokens)
+        rows.append((kinds[i] if kinds else "all", len(ref), t1 - t0, t2 - t1, res.tokens == ref, res))
+
+    def figures(sel: list) -> tuple[int, float, float, dict[str, float], float]:
+        tokens = sum(r[1] for r in sel)
+        tps = {"target": tokens / max(sum(r[2] for r in sel), 1e-9),
+               "speculative": tokens / max(sum(r[3] for r in sel), 1e-9)}
+        return tokens, sum(r[4] for r in sel) / max(len(sel), 1), tau([r[5] for r in sel]), tps, \
+            tps["speculative"] / max(tps["target"], 1e-9)
+
+    tokens, same, t, tps, speedup = figures(rows)
+    by_kind = {}
+    for kind in sorted({r[0] for r in rows}) if kinds else ():
+        sel = [r for r in rows if r[0] == kind]
+        k_tokens, k_same, k_tau, k_tps, k_speedup = figures(sel)
+        by_kind[kind] = {"n_prompts": len(sel), "tokens": k_tokens, "identical_fraction": k_same, "tau": k_tau,
+                         "tokens_per_s": k_tps, "speedup": k_speedup}
+    return Benchmark(len(prompts), same, t, alphas([r[5] for r in rows], chain), tps, speedup, tokens, by_kind)
 
 
 def ask(teacher, draft: Draft, image, question: str, max_new_tokens: int = 64, chain: int = 10,

@@ -158,6 +158,10 @@ def test_trains_lowers_the_loss_resumes_exports_and_is_lossless(setup_dirs, tmp_
     assert m["n_prompts"] == SMALL["eval_prompts"] == m["heldout_world"] + m["heldout_fresh"]
     assert m["heldout_fresh"] > 0
     assert m["tokens_per_s_target"] > 0 and "alpha_1" in m
+    # ... and per kind: the held-out Q&A and captions partition them
+    kinds = [k for k in (draft.KIND_QA, draft.KIND_CAPTION) if f"n_prompts_{k}" in m]
+    assert kinds == [draft.KIND_QA, draft.KIND_CAPTION]
+    assert sum(m[f"n_prompts_{k}"] for k in kinds) == m["n_prompts"]
 
     # lossless on 20+ held-out prompts (a larger held-out split of the same world)
     held = load_world(setup_dirs[0], heldout_fraction=0.9).und_heldout

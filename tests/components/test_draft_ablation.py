@@ -152,6 +152,8 @@ def test_report_section_has_the_issues_keys(setup_dirs, tmp_path, monkeypatch): 
     assert {"n_prompts", "identical_fraction", "tau", "alpha", "tokens_per_s", "speedup", "ablation"} <= set(rep)
     assert rep["n_prompts"] == 5 and rep["identical_fraction"] == 1.0 and len(rep["alpha"]) == 10
     assert set(rep["tokens_per_s"]) == {"target", "speculative"}
+    assert rep["by_kind"] and sum(k["n_prompts"] for k in rep["by_kind"].values()) == 5
+    assert all(set(k) == {"n_prompts", "tokens", "tau", "speedup"} for k in rep["by_kind"].values())
     assert set(rep["ablation"]) == set(VARIANTS)
     assert all(set(v) == {"tau", "speedup"} for v in rep["ablation"].values())
     # a draft out from another base checkpoint, or other parameters, is refused

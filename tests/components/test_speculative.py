@@ -41,6 +41,28 @@ def test_greedy_is_lossless_with_an_untrained_draft(kw):
         assert bench.tau >= 1.0 and bench.tokens > 0 and len(bench.alpha) == chain
 
 
+def test_figures_per_kind_partition_the_prompts():
+    """``kinds`` splits the same decodings: counts and tokens add up to the overall ones, each kind's
+    τ is over its own rounds, and a kind list of the wrong length is refused."""
+    torch.set_num_threads(1)
+    target = _target(seed=0)
+    draft = Draft.from_target(target, DraftConfig.for_target(target, fusion="meta", zero_init=False)).eval()
+    images, prompts = _prompts(12, 12)
+    kinds = ["qa" if i % 3 else "caption" for i in range(12)]
+    bench = speculative.benchmark(target, draft, images, prompts, max_new_tokens=16, chain=4, kinds=kinds)
+    assert set(bench.by_kind) == {"qa", "caption"}
+    assert [bench.by_kind[k]["n_prompts"] for k in ("qa", "caption")] == [8, 4]
+    assert sum(k["tokens"] for k in bench.by_kind.values()) == bench.tokens
+    assert all(k["identical_fraction"] == 1.0 for k in bench.by_kind.values())
+    solo = speculative.benchmark(target, draft, images[0::3], prompts[0::3], max_new_tokens=16, chain=4)
+    assert bench.by_kind["caption"]["tau"] == solo.tau and bench.by_kind["caption"]["tokens"] == solo.tokens
+    m = bench.metrics()
+    assert m["n_prompts_qa"] == 8 and m["tokens_caption"] == solo.tokens and "speedup_caption" in m
+    assert speculative.benchmark(target, draft, images, prompts, max_new_tokens=16, chain=4).by_kind == {}
+    with pytest.raises(ValueError, match="11 kinds for 12 prompts"):
+        speculative.benchmark(target, draft, images, prompts, max_new_tokens=16, chain=4, kinds=kinds[:11])
+
+
 def test_answers_that_end_within_the_delay_run_no_draft_round():
     """With ``delay`` target-only steps, an answer of at most delay + 1 tokens (eos included) is decoded
     without a draft round; a longer one drafts after them, and both are the target's own answer."""
