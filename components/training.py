@@ -137,7 +137,8 @@ def run_training(stage: Any, ctx: StageContext, reporter: Reporter,
     """Run ``stage`` from step 0, or from the reporter's latest state, to ``params.steps``.
 
     ``state.extra`` gets ``history`` (metrics every ``log_every`` steps, kept across
-    resumes) and ``resumed_from`` (the step training continued from).
+    resumes) and ``resumed_from`` (the step training continued from); ``progress`` hears of a
+    resume as ``(start, steps, {"resumed_from": start})`` before the first step.
     """
     params = ctx.params
     seed_everything(params.seed + 1009 * ctx.rank)
@@ -148,6 +149,8 @@ def run_training(stage: Any, ctx: StageContext, reporter: Reporter,
     if resume is not None:
         start, extra = checkpoints.load_train_state(resume, state.modules, state.optimizers)
         history = list(extra.get("history", []))
+        if progress is not None:  # a resumed run says so before its first step
+            progress(start, params.steps, {"resumed_from": float(start)})
     state.extra["resumed_from"] = start
     metrics: dict[str, float] = {}
     t_loop = time.perf_counter()

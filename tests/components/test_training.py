@@ -16,8 +16,10 @@ def test_resume_continues_to_the_same_result(tmp_path):
     full = run_training(tiny_train, _ctx(tmp_path, 20), LocalReporter(tmp_path / "a"))
     rep = LocalReporter(tmp_path / "b")
     run_training(tiny_train, _ctx(tmp_path, 10), rep)  # interrupted after 10 steps
-    resumed = run_training(tiny_train, _ctx(tmp_path, 20), rep)
+    heard = []
+    resumed = run_training(tiny_train, _ctx(tmp_path, 20), rep, progress=lambda *a: heard.append(a))
     assert resumed.extra["resumed_from"] == 10
+    assert heard[0] == (10, 20, {"resumed_from": 10.0}) and [a[0] for a in heard[1:]] == [15, 20]
     for a, b in zip(full.modules["model"].parameters(), resumed.modules["model"].parameters()):
         assert torch.allclose(a, b, atol=1e-6)
     assert [h["step"] for h in resumed.extra["history"]] == [5, 10, 15, 20]
