@@ -39,6 +39,24 @@ class ComputeParams(BaseModel):
 
 _OWNED = False
 
+# Ray Train's placement-group cleaner polls the controller through Ray's state API, which needs the
+# dashboard this project's runtime does not start: it then logs this line every few seconds of every
+# training job (hundreds per stage) and keeps going. Workers drop that one record; nothing else.
+_CLEANER_LOGGER = "ray.train.v2._internal.execution.controller.placement_group_cleaner"
+_CLEANER_NOISE = "Failed to query Ray Train Controller actor state"
+
+
+class _DropCleanerNoise:
+    def filter(self, record) -> bool:
+        return _CLEANER_NOISE not in record.getMessage()
+
+
+def quiet_worker_logs() -> None:
+    """Ray's ``worker_process_setup_hook`` for this project's runtime (see ``_CLEANER_NOISE``)."""
+    import logging
+
+    logging.getLogger(_CLEANER_LOGGER).addFilter(_DropCleanerNoise())
+
 
 def init_ray(attempts: int = 3, **kwargs: Any) -> None:
     """``ray.init`` with retries: on a busy machine the raylet may miss Ray's fixed 30 s
@@ -73,8 +91,9 @@ def ensure_ray(project: Path, num_cpus: int | None = None) -> str:
                     "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION"):
             if os.environ.get(key):
                 env_vars[key] = os.environ[key]
-        kwargs: dict[str, Any] = dict(runtime_env={"env_vars": env_vars}, log_to_driver=True,
-                                      logging_level="WARNING")
+        kwargs: dict[str, Any] = dict(runtime_env={"env_vars": env_vars,
+                                                   "worker_process_setup_hook": "tasks.ray_runner.quiet_worker_logs"},
+                                      log_to_driver=True, logging_level="WARNING")
         address = os.environ.get("RAY_ADDRESS")
         if address:
             init_ray(address=address, **kwargs)

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -31,6 +32,20 @@ def _edit_params(proj, fn):
     (proj / "params.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
 
 
+def _no_cleaner_noise_in_ray_logs(expected: str) -> None:
+    """The Ray session's worker logs hold the training job's lines (``expected``) and none of Ray
+    Train's state-API retry warnings, which the project's worker set-up hook drops."""
+    import ray
+
+    from tasks.ray_runner import _CLEANER_NOISE
+
+    logs = Path(ray._private.worker._global_node.get_session_dir_path()) / "logs"
+    texts = [f.read_text(errors="replace") for f in logs.glob("worker-*") if f.is_file()]
+    assert any(expected in t for t in texts), f"no worker log of {logs} holds {expected!r}"
+    noisy = [t for t in texts if _CLEANER_NOISE in t]
+    assert not noisy, noisy[0][-2000:]
+
+
 def test_pipeline_lineage_skip_rerun_and_gate(tiny_project, prefect_server, ray_runtime):
     from flows.pipeline import pipeline
     from tasks import registry, tracking
@@ -39,6 +54,7 @@ def test_pipeline_lineage_skip_rerun_and_gate(tiny_project, prefect_server, ray_
     proj = tiny_project
     first = pipeline(profile="default")
     assert _executed(first) == {"tiny_data", "tiny_train", "tiny_eval"}
+    _no_cleaner_noise_in_ray_logs("[tiny_train] step")
 
     # manifests name their inputs' md5 exactly as dvc.lock records them
     train_manifest = json.loads((proj / "data/tiny_train/manifest.json").read_text())
