@@ -195,6 +195,9 @@ def alphas(results: list[SpecResult], n_max: int = 10) -> list[float]:
     return out
 
 
+KIND_METRICS = ("n_prompts", "tokens", "tau", "speedup")  # per-kind figures logged as ``<metric>_<kind>``
+
+
 @dataclass
 class Benchmark:
     n_prompts: int
@@ -212,7 +215,7 @@ class Benchmark:
                "tokens_per_s_speculative": self.tokens_per_s["speculative"], "speedup": self.speedup}
         out.update({f"alpha_{i + 1}": a for i, a in enumerate(self.alpha)})
         for kind, k in self.by_kind.items():
-            out.update({f"{key}_{kind}": float(k[key]) for key in ("n_prompts", "tokens", "tau", "speedup")})
+            out.update({f"{key}_{kind}": float(k[key]) for key in KIND_METRICS})
         return out
 
     def report(self) -> dict:
@@ -246,21 +249,19 @@ def benchmark(target: Understanding, draft: Draft, images: torch.Tensor, prompts
         t2 = time.perf_counter()
         rows.append((kinds[i] if kinds else "all", len(ref), t1 - t0, t2 - t1, res.tokens == ref, res))
 
-    def figures(sel: list) -> tuple[int, float, float, dict[str, float], float]:
+    def figures(sel: list) -> dict:
         tokens = sum(r[1] for r in sel)
         tps = {"target": tokens / max(sum(r[2] for r in sel), 1e-9),
                "speculative": tokens / max(sum(r[3] for r in sel), 1e-9)}
-        return tokens, sum(r[4] for r in sel) / max(len(sel), 1), tau([r[5] for r in sel]), tps, \
-            tps["speculative"] / max(tps["target"], 1e-9)
+        return {"n_prompts": len(sel), "tokens": tokens,
+                "identical_fraction": sum(r[4] for r in sel) / max(len(sel), 1), "tau": tau([r[5] for r in sel]),
+                "tokens_per_s": tps, "speedup": tps["speculative"] / max(tps["target"], 1e-9)}
 
-    tokens, same, t, tps, speedup = figures(rows)
-    by_kind = {}
-    for kind in sorted({r[0] for r in rows}) if kinds else ():
-        sel = [r for r in rows if r[0] == kind]
-        k_tokens, k_same, k_tau, k_tps, k_speedup = figures(sel)
-        by_kind[kind] = {"n_prompts": len(sel), "tokens": k_tokens, "identical_fraction": k_same, "tau": k_tau,
-                         "tokens_per_s": k_tps, "speedup": k_speedup}
-    return Benchmark(len(prompts), same, t, alphas([r[5] for r in rows], chain), tps, speedup, tokens, by_kind)
+    a = figures(rows)
+    by_kind = {kind: figures([r for r in rows if r[0] == kind])
+               for kind in sorted({r[0] for r in rows})} if kinds else {}
+    return Benchmark(a["n_prompts"], a["identical_fraction"], a["tau"], alphas([r[5] for r in rows], chain),
+                     a["tokens_per_s"], a["speedup"], a["tokens"], by_kind)
 
 
 def ask(teacher, draft: Draft, image, question: str, max_new_tokens: int = 64, chain: int = 10,

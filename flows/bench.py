@@ -312,7 +312,7 @@ def speculative_section(profile: str) -> dict[str, Any]:
     of the same prompts (components/draft_ablation.py)."""
     import tempfile
 
-    from components import draft
+    from components import draft, speculative
     from components.draft_ablation import run_ablation
     from tasks.project import find_project, workspace
 
@@ -337,7 +337,7 @@ def speculative_section(profile: str) -> dict[str, Any]:
         "alpha": [m.get(f"alpha_{n}", float("nan")) for n in range(1, params.chain + 1)],
         "tokens_per_s": {"target": m.get("tokens_per_s_target"), "speculative": m.get("tokens_per_s_speculative")},
         "speedup": m.get("speedup"),
-        "by_kind": {kind: {key: m.get(f"{key}_{kind}") for key in ("n_prompts", "tokens", "tau", "speedup")}
+        "by_kind": {kind: {key: m.get(f"{key}_{kind}") for key in speculative.KIND_METRICS}
                     for kind in (draft.KIND_QA, draft.KIND_CAPTION) if f"tau_{kind}" in m},
         "ablation": {v: {"tau": r["tau"], "speedup": r["speedup"]} for v, r in ablation.items()},
         "ablation_detail": ablation,
