@@ -75,6 +75,10 @@ class Params(TrainParams):
     delay: int = Field(1, ge=0, le=64, description="target-only steps after the first answer token before the first "
                                                    "draft round: a one-word answer then never pays for the draft's "
                                                    "catch-up on the prefix (components/speculative.py)")
+    tree_topk: int = Field(0, ge=0, le=16, description="> 0: evaluate also decodes every prompt with an EAGLE-2 token "
+                                                       "tree, `chain` deep, this many children per expanded node "
+                                                       "(figures `tree_*`); 0: the chain only")
+    tree_nodes: int = Field(24, ge=1, le=256, description="tree nodes verified per round (the best by draft score)")
     eval_prompts: int = Field(500, ge=0, description="held-out prompts decoded by evaluate (batch 1): the world's "
                                                      "held-out Q&A and captions, then fresh scenes")
     ablation_steps: int = Field(300, ge=1, description="training steps of every Table 1 variant in the benchmark's "
@@ -332,7 +336,7 @@ def evaluate(state: TrainState) -> dict[str, float]:
     kinds = [KIND_CAPTION if q == CAPTION_PROMPT else KIND_QA for q in held.texts]
     res = speculative.benchmark(state.extra["target"], _raw(state.modules["draft"]).eval(),
                                 _images(held.images), prompts, p.max_new_tokens, p.chain, p.stop_below,
-                                p.delay, kinds)
+                                p.delay, kinds, p.tree_topk, p.tree_nodes)
     out["heldout_world"] = float(min(len(held), len(world.und_heldout) if world.und_heldout is not None else 0))
     out["heldout_fresh"] = float(len(held) - out["heldout_world"])
     out.update({k2: v for k2, v in res.metrics().items() if not (isinstance(v, float) and math.isnan(v))})

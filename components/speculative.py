@@ -15,12 +15,25 @@ token (already emitted, not yet in the cache):
    of ``p_K``: the emitted tokens follow the target's distribution exactly;
 4. both caches are cropped back to the accepted positions.
 
+**Token tree** (EAGLE-2's dynamic tree, greedy only; ``tree_topk`` > 0): step 1 grows a tree
+instead of a chain. The root's top ``tree_topk`` tokens form depth 1; at every further depth the
+draft expands the ``tree_topk`` frontier nodes of highest cumulative draft log-probability in one
+forward (each row attends to the verified prefix and its own ancestors), each proposing its top
+``tree_topk`` children; after ``chain`` depths the ``tree_nodes`` best nodes (by the same score, so
+every kept node's ancestors are kept) are verified in one target forward under the tree's mask.
+The longest path whose every token is the target's argmax at its parent is accepted, then the
+target's argmax after it: the output is still the target's own greedy decoding. Its cache keeps
+the path's slots (:meth:`~components.models.kv_decoder.LayerStack.keep`). At the width of this
+project's models a forward costs about the same for 1 or 30 new tokens, so the extra candidates
+are nearly free and only the acceptance length changes.
+
 Target and draft run on static KV caches (``components/models/kv_decoder.py``), the target
 through the same :class:`~components.models.kv_decoder.LeanLM` as its own greedy decoding
 (``Understanding.generate``), so a speed-up measured against it is the speculation's alone.
 
 Metrics: τ = accepted drafts per round + 1 (EAGLE's convention), n-α = P(d_n accepted |
-d_1 .. d_{n-1} accepted) over rounds that proposed ``d_n``; an accepted ``eos`` ends the
+d_1 .. d_{n-1} accepted) over rounds that proposed ``d_n`` (a tree: some depth-n child of the
+accepted path); an accepted ``eos`` ends the
 answer and the round. Everything runs in float32 so greedy verification and the target's
 own greedy decoding compute the same argmax.
 """
@@ -80,7 +93,8 @@ def _prefill(target: Understanding, lean: LeanLM, image: torch.Tensor, prompt: l
 @torch.no_grad()
 def generate(target: Understanding, draft: Draft, image: torch.Tensor, prompt: list[int], max_new_tokens: int = 48,
              chain: int = 10, mode: str = "greedy", temperature: float = 1.0,
-             generator: torch.Generator | None = None, stop_below: float = 0.0, delay: int = 0) -> SpecResult:
+             generator: torch.Generator | None = None, stop_below: float = 0.0, delay: int = 0,
+             tree_topk: int = 0, tree_nodes: int = 0) -> SpecResult:
     """Speculative decoding of one answer to ``prompt`` (question ids ending in ``sep``) about
     ``image`` ``(1, 3, H, W)``; up to ``chain`` draft tokens per round.
 
@@ -92,13 +106,21 @@ def generate(target: Understanding, draft: Draft, image: torch.Tensor, prompt: l
     ``stop_below`` > 0 makes the chain dynamic (EAGLE-2's confidence as the acceptance proxy):
     a round stops drafting once the draft's top probability for the next token falls below it
     (at least one draft per round). The decision reads the draft alone, so verification, and the
-    output, are unchanged; only draft steps that would likely be rejected are saved."""
+    output, are unchanged; only draft steps that would likely be rejected are saved.
+
+    ``tree_topk`` > 0 drafts a token tree ``chain`` deep (see the module's docstring) and verifies
+    its ``tree_nodes`` best nodes; greedy only."""
     target.check_image(image)
     if image.shape[0] != 1:
         raise ValueError("speculative decoding runs at batch 1")
     s = _Sampler(mode, temperature, generator)
+    if tree_topk < 0 or (tree_topk and tree_nodes < 1):
+        raise ValueError("a token tree needs tree_topk >= 1 and tree_nodes >= 1")
+    if tree_topk and (not s.greedy or stop_below > 0):
+        raise ValueError("a token tree is verified greedily, with its own dynamic shape (no stop_below)")
     eos = target.cfg.eos_id
-    max_len = target.n_image_tokens + len(prompt) + max_new_tokens + chain + 1
+    drafted_max = max(chain, tree_nodes, chain * tree_topk) if tree_topk else chain
+    max_len = target.n_image_tokens + len(prompt) + max_new_tokens + drafted_max + 1
     lean, drafter = LeanLM(target.lm, 1, max_len), None
     embeds, logits, states = _prefill(target, lean, image, prompt)
     n = embeds.shape[1]                       # positions in the target's cache
@@ -125,6 +147,19 @@ def generate(target: Understanding, draft: Draft, image: torch.Tensor, prompt: l
         feat = drafter.fuse(states, pos)
         drafter.layers.crop(p0)
         h = drafter.step(feat, nxt, pos)[:, -1:]
+        if tree_topk:
+            outcomes, accepted, new, rows, k, vstates = _tree_round(lean, drafter, draft, h, x, n, k, tree_topk,
+                                                                   tree_nodes, eos)
+            result.rounds.append(outcomes)
+            result.drafted.append(k)
+            ended = bool(accepted) and accepted[-1] == eos
+            emitted += accepted + ([] if ended else [new])
+            lean.keep(n, [n + r for r in rows])
+            states = torch.stack(vstates, dim=2)[:, rows]
+            nxt = draft.embed(torch.tensor([accepted + [eos if ended else new]]))
+            p0, n = n, n + len(rows)
+            x = emitted[-1]
+            continue
         drafts: list[int] = []
         q: list[torch.Tensor] = []
         for i in range(k):
@@ -179,6 +214,88 @@ def generate(target: Understanding, draft: Draft, image: torch.Tensor, prompt: l
     return result
 
 
+def _ancestry(parents: list[int]) -> torch.Tensor:
+    """``(N, N)`` booleans: row ``i`` may attend ``j`` when ``j`` is ``i`` or one of its ancestors
+    (``parents[i]`` < ``i``, -1 for a child of the root)."""
+    allowed = torch.eye(len(parents), dtype=torch.bool)
+    for i, par in enumerate(parents):
+        if par >= 0:
+            allowed[i] |= allowed[par]
+    return allowed
+
+
+def _tree_round(lean: LeanLM, drafter: DraftDecoder, draft: Draft, h_root: torch.Tensor, x: int, n: int, depth: int,
+                topk: int, max_nodes: int, eos: int):
+    """One greedy round with a token tree: draft it from ``h_root`` (the draft's output on the
+    last verified position), verify ``[x, nodes]`` at positions ``n ..``, accept the longest path
+    of target argmaxes. Returns (outcomes per depth, accepted tokens, the target's next token
+    (None after an accepted eos), the verified rows to keep (0 = ``x``), nodes verified, the
+    target's states of the verified rows)."""
+    tokens: list[int] = []
+    parents: list[int] = []       # the node's parent (-1: the root)
+    depths: list[int] = []
+    scores: list[float] = []      # cumulative draft log-probability
+    slot: dict[int, int] = {}     # node -> its row in the draft cache once expanded
+    hid: dict[int, torch.Tensor] = {}
+    base = drafter.layers.length  # the verified prefix in the draft's cache
+
+    def add_children(parent: int, logp: torch.Tensor, score: float, d: int) -> list[int]:
+        top = logp.topk(min(topk, logp.shape[-1]))
+        out = []
+        for lp, tok in zip(top.values.tolist(), top.indices.tolist()):
+            tokens.append(tok), parents.append(parent), depths.append(d), scores.append(score + lp)
+            out.append(len(tokens) - 1)
+        return out
+
+    fresh = add_children(-1, torch.log_softmax(drafter.logits(h_root)[0, -1].float(), -1), 0.0, 1)
+    for d in range(1, depth):
+        frontier = sorted((i for i in fresh if tokens[i] != eos), key=lambda i: -scores[i])[:topk]
+        if not frontier:
+            break
+        start = drafter.layers.length
+        attend = torch.zeros(len(frontier), start + len(frontier), dtype=torch.bool)
+        attend[:, :base] = True
+        for r, i in enumerate(frontier):
+            attend[r, start + r] = True
+            a = parents[i]
+            while a >= 0:
+                attend[r, slot[a]] = True
+                a = parents[a]
+        feat = torch.cat([h_root if parents[i] < 0 else hid[parents[i]] for i in frontier], dim=1)
+        hs = drafter.step(feat, draft.embed(torch.tensor([[tokens[i] for i in frontier]])),
+                          torch.full((len(frontier),), n + d - 1), attend)
+        logp = torch.log_softmax(drafter.logits(hs)[0].float(), -1)
+        fresh = []
+        for r, i in enumerate(frontier):
+            slot[i], hid[i] = start + r, hs[:, r:r + 1]
+            fresh += add_children(i, logp[r], scores[i], d + 1)
+    # the best nodes; a child never outscores its parent (log-probabilities <= 0), ties go to the shallower
+    keep = sorted(sorted(range(len(tokens)), key=lambda i: (-scores[i], depths[i]))[:max_nodes],
+                  key=lambda i: (depths[i], i))
+    row = {i: r + 1 for r, i in enumerate(keep)}  # verification rows: 0 is x, then by depth
+    tree_parents = [0] + [row.get(parents[i], 0) for i in keep]
+    allowed = _ancestry([-1] + tree_parents[1:])
+    attend = torch.cat([torch.ones(len(keep) + 1, n, dtype=torch.bool), allowed], dim=1)
+    ids = [x] + [tokens[i] for i in keep]
+    positions = torch.tensor([[n] + [n + depths[i] for i in keep]])
+    tl, vstates = lean.forward(lean.embed(torch.tensor([ids])), positions, hidden=True, attend=attend)
+    best = tl[0].argmax(-1).tolist()
+    children: dict[int, list[int]] = {}
+    for r in range(1, len(ids)):
+        children.setdefault(tree_parents[r], []).append(r)
+    cur, path, outcomes = 0, [0], []
+    while children.get(cur):  # (an eos node has no children: it was never expanded)
+        hit = next((r for r in children[cur] if ids[r] == best[cur]), None)
+        outcomes.append(hit is not None)
+        if hit is None:
+            break
+        path.append(hit)
+        cur = hit
+    accepted = [ids[r] for r in path[1:]]
+    new = None if accepted and accepted[-1] == eos else best[path[-1]]
+    return outcomes, accepted, new, path, len(keep), vstates
+
+
 # ---------------------------------------------------------------- metrics
 
 def tau(results: list[SpecResult]) -> float:
@@ -196,6 +313,8 @@ def alphas(results: list[SpecResult], n_max: int = 10) -> list[float]:
 
 
 KIND_METRICS = ("n_prompts", "tokens", "tau", "speedup")  # per-kind figures logged as ``<metric>_<kind>``
+TREE_METRICS = ("topk", "nodes", "identical_fraction", "tau", "speedup")  # logged as ``tree_<metric>``
+# (and ``tree_tokens_per_s``, ``tree_tau_<kind>``, ``tree_speedup_<kind>``)
 
 
 @dataclass
@@ -208,6 +327,7 @@ class Benchmark:
     speedup: float
     tokens: int
     by_kind: dict[str, dict] = field(default_factory=dict)  # kind -> the same figures over its prompts
+    tree: dict = field(default_factory=dict)  # with a token tree: its figures (overall and by kind) and shape
 
     def metrics(self) -> dict[str, float]:
         out = {"n_prompts": float(self.n_prompts), "identical_fraction": self.identical_fraction, "tau": self.tau,
@@ -216,21 +336,29 @@ class Benchmark:
         out.update({f"alpha_{i + 1}": a for i, a in enumerate(self.alpha)})
         for kind, k in self.by_kind.items():
             out.update({f"{key}_{kind}": float(k[key]) for key in KIND_METRICS})
+        if self.tree:
+            out.update({f"tree_{key}": float(self.tree[key]) for key in TREE_METRICS})
+            out["tree_tokens_per_s"] = self.tree["tokens_per_s"]["speculative"]
+            for kind, k in self.tree["by_kind"].items():
+                out.update({f"tree_{key}_{kind}": float(k[key]) for key in ("tau", "speedup")})
         return out
 
     def report(self) -> dict:
         """The benchmark report's ``speculative`` keys (without the ablation)."""
         return {"n_prompts": self.n_prompts, "identical_fraction": self.identical_fraction, "tau": self.tau,
                 "alpha": self.alpha, "tokens_per_s": dict(self.tokens_per_s), "speedup": self.speedup,
-                "by_kind": {kind: dict(k) for kind, k in self.by_kind.items()}}
+                "by_kind": {kind: dict(k) for kind, k in self.by_kind.items()}, **({"tree": self.tree} if self.tree else {})}
 
 
 @torch.no_grad()
 def benchmark(target: Understanding, draft: Draft, images: torch.Tensor, prompts: list[list[int]],
               max_new_tokens: int = 48, chain: int = 10, stop_below: float = 0.0, delay: int = 0,
-              kinds: list[str] | None = None) -> Benchmark:
+              kinds: list[str] | None = None, tree_topk: int = 0, tree_nodes: int = 0) -> Benchmark:
     """Greedy decoding of every prompt by the target alone and with speculation, at batch 1:
     identical outputs, τ, n-α (n = 1..chain) and tokens/s of both (the same answer tokens).
+
+    ``tree_topk`` > 0 also decodes every prompt with a token tree ``chain`` deep (its figures in
+    ``Benchmark.tree``), in the same pass, so both speed-ups share the target's timings.
 
     ``kinds`` (one label per prompt, e.g. ``qa`` / ``caption``) adds the figures per kind: a mix
     of one-word answers and long captions has one overall speed-up, but speculation can only
@@ -239,7 +367,9 @@ def benchmark(target: Understanding, draft: Draft, images: torch.Tensor, prompts
         raise ValueError(f"{len(kinds)} kinds for {len(prompts)} prompts")
     target.eval()
     draft.eval()
-    rows = []  # (kind, answer tokens, target s, speculative s, identical, result)
+    if tree_topk and tree_nodes < 1:
+        raise ValueError("a token tree needs tree_nodes >= 1")
+    rows, tree_rows = [], []  # (kind, answer tokens, target s, speculative s, identical, result)
     for i, prompt in enumerate(prompts):
         img = images[i:i + 1]
         t0 = time.perf_counter()
@@ -247,7 +377,12 @@ def benchmark(target: Understanding, draft: Draft, images: torch.Tensor, prompts
         t1 = time.perf_counter()
         res = generate(target, draft, img, prompt, max_new_tokens, chain, stop_below=stop_below, delay=delay)
         t2 = time.perf_counter()
-        rows.append((kinds[i] if kinds else "all", len(ref), t1 - t0, t2 - t1, res.tokens == ref, res))
+        kind = kinds[i] if kinds else "all"
+        rows.append((kind, len(ref), t1 - t0, t2 - t1, res.tokens == ref, res))
+        if tree_topk:
+            tr = generate(target, draft, img, prompt, max_new_tokens, chain, delay=delay, tree_topk=tree_topk,
+                          tree_nodes=tree_nodes)
+            tree_rows.append((kind, len(ref), t1 - t0, time.perf_counter() - t2, tr.tokens == ref, tr))
 
     def figures(sel: list) -> dict:
         tokens = sum(r[1] for r in sel)
@@ -257,15 +392,21 @@ def benchmark(target: Understanding, draft: Draft, images: torch.Tensor, prompts
                 "identical_fraction": sum(r[4] for r in sel) / max(len(sel), 1), "tau": tau([r[5] for r in sel]),
                 "tokens_per_s": tps, "speedup": tps["speculative"] / max(tps["target"], 1e-9)}
 
+    def split(sel: list) -> dict:
+        return {kind: figures([r for r in sel if r[0] == kind]) for kind in sorted({r[0] for r in sel})} if kinds else {}
+
     a = figures(rows)
-    by_kind = {kind: figures([r for r in rows if r[0] == kind])
-               for kind in sorted({r[0] for r in rows})} if kinds else {}
+    tree = {}
+    if tree_topk:
+        tree = {"topk": tree_topk, "nodes": tree_nodes, "depth": chain, **figures(tree_rows),
+                "alpha": alphas([r[5] for r in tree_rows], chain), "by_kind": split(tree_rows)}
     return Benchmark(a["n_prompts"], a["identical_fraction"], a["tau"], alphas([r[5] for r in rows], chain),
-                     a["tokens_per_s"], a["speedup"], a["tokens"], by_kind)
+                     a["tokens_per_s"], a["speedup"], a["tokens"], split(rows), tree)
 
 
 def ask(teacher, draft: Draft, image, question: str, max_new_tokens: int = 64, chain: int = 10,
-        compare: bool = False, delay: int = 0, stop_below: float = 0.0) -> tuple[str, dict[str, float]]:
+        compare: bool = False, delay: int = 0, stop_below: float = 0.0, tree_topk: int = 0,
+        tree_nodes: int = 0) -> tuple[str, dict[str, float]]:
     """``Teacher``-level speculative answer to ``question`` about one (64, 64, 3) uint8 image, with
     τ and tokens/s (``compare``: also the target alone, and whether both answers are identical)."""
     from components.inference import InputError, to_tensor
@@ -276,7 +417,8 @@ def ask(teacher, draft: Draft, image, question: str, max_new_tokens: int = 64, c
         raise InputError("speculative decoding answers one image at a time")
     prompt = teacher.prompt_ids(question)
     t0 = time.perf_counter()
-    res = generate(target, draft.eval(), x, prompt, max_new_tokens, chain, stop_below=stop_below, delay=delay)
+    res = generate(target, draft.eval(), x, prompt, max_new_tokens, chain, stop_below=stop_below, delay=delay,
+                   tree_topk=tree_topk, tree_nodes=tree_nodes)
     dt = time.perf_counter() - t0
     stats = {"tau": tau([res]), "rounds": float(len(res.rounds)), "tokens": float(len(res.tokens)),
              "tokens_per_s": len(res.tokens) / max(dt, 1e-9)}

@@ -339,6 +339,11 @@ def speculative_section(profile: str) -> dict[str, Any]:
         "speedup": m.get("speedup"),
         "by_kind": {kind: {key: m.get(f"{key}_{kind}") for key in speculative.KIND_METRICS}
                     for kind in (draft.KIND_QA, draft.KIND_CAPTION) if f"tau_{kind}" in m},
+        **({"tree": {"topk": params.tree_topk, "nodes": params.tree_nodes, "depth": params.chain,
+                     **{key: m.get(f"tree_{key}") for key in ("identical_fraction", "tau", "tokens_per_s", "speedup")},
+                     "by_kind": {kind: {key: m.get(f"tree_{key}_{kind}") for key in ("tau", "speedup")}
+                                 for kind in (draft.KIND_QA, draft.KIND_CAPTION) if f"tree_tau_{kind}" in m}}}
+           if "tree_tau" in m else {}),
         "ablation": {v: {"tau": r["tau"], "speedup": r["speedup"]} for v, r in ablation.items()},
         "ablation_detail": ablation,
         "conditions": {"chain": params.chain, "stop_below": params.stop_below, "delay": params.delay,

@@ -123,6 +123,9 @@ def ask(model: str = typer.Option(..., "--model", "-m"),
                                   help="the draft's model URI (other profiles: hyperbagel-draft-PROFILE)"),
         chain: int = typer.Option(10, help="draft tokens per round"),
         delay: int = typer.Option(1, min=0, help="target-only steps before the first draft round"),
+        tree_topk: int = typer.Option(0, min=0, help="> 0: draft a token tree (EAGLE-2), this many children per "
+                                                   "expanded node, --chain deep; 0: a chain"),
+        tree_nodes: int = typer.Option(24, min=1, help="tree nodes verified per round"),
         verbose: bool = typer.Option(False, "--verbose", "-v", help="print tau and tokens/s")):
     """Answer a question about an image (or describe it: 'describe the image in detail')."""
     src = _read_image(image)
@@ -139,7 +142,7 @@ def ask(model: str = typer.Option(..., "--model", "-m"),
 
     drafter = _run(_draft)
     answer, stats = _run(lambda: spec.ask(teacher, drafter, src, question, max_new_tokens, chain, compare=verbose,
-                                                   delay=delay))
+                                                   delay=delay, tree_topk=tree_topk, tree_nodes=tree_nodes))
     typer.echo(answer)
     if verbose:
         tau = f"{stats['tau']:.2f}" if stats["rounds"] else "- (the answer ended before a draft round)"

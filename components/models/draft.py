@@ -219,9 +219,12 @@ class DraftDecoder:
             return d.fc(x)
         return self.dec.forward(d.fc1(x), positions[None])[0]
 
-    def step(self, feat: torch.Tensor, emb: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """``fc2([feat ; emb])`` through the draft layers, appended to their cache: ``(1, S, D)``."""
-        return self.layers.forward(self.draft.fc2(torch.cat([feat, emb], dim=-1)), positions[None])[0]
+    def step(self, feat: torch.Tensor, emb: torch.Tensor, positions: torch.Tensor,
+             attend: torch.Tensor | None = None) -> torch.Tensor:
+        """``fc2([feat ; emb])`` through the draft layers, appended to their cache: ``(1, S, D)``
+        (``attend``: the slots each new row reads, for a token tree; default causal)."""
+        return self.layers.forward(self.draft.fc2(torch.cat([feat, emb], dim=-1)), positions[None],
+                                   attend=attend)[0]
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         return self.draft.logits(h)

@@ -62,7 +62,9 @@ class LayerStack:
 
     ``forward(h, positions, key_valid)`` appends ``q`` new slots: ``h`` is ``(B, q, D)``,
     ``positions`` the rotary positions ``(B, q)`` (they differ from slots under left padding),
-    ``key_valid`` ``(B, slots)`` marks padding slots that no query may attend (None: none)."""
+    ``key_valid`` ``(B, slots)`` marks padding slots that no query may attend (None: none);
+    ``attend`` ``(q, slots)`` booleans replaces the causal mask (True: may attend), for a token
+    tree whose slots read their ancestors' and not their siblings'."""
 
     def __init__(self, layers: Sequence[Qwen2DecoderLayer], rotary: Qwen2RotaryEmbedding, batch: int, max_len: int):
         if not layers:
@@ -89,12 +91,23 @@ class LayerStack:
             raise ValueError(f"cannot crop a cache of {self.length} slots to {length}")
         self.length = length
 
+    def keep(self, start: int, slots: list[int]) -> None:
+        """Move the cached ``slots`` (ascending, each >= ``start``) to ``start, start+1, ...`` and
+        crop after them: the accepted path of a token tree becomes a contiguous prefix."""
+        if any(b <= a for a, b in zip(slots, slots[1:])) or (slots and (slots[0] < start or slots[-1] >= self.length)):
+            raise ValueError(f"slots {slots} are not ascending within [{start}, {self.length})")
+        if slots != list(range(start, start + len(slots))):
+            idx = torch.tensor(slots)
+            for cache in (*self.k, *self.v):
+                cache[:, :, start:start + len(slots)] = cache[:, :, idx]
+        self.length = start + len(slots)
+
     def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         half = self.head_dim // 2
         return x * cos + torch.cat([-x[..., half:], x[..., :half]], dim=-1) * sin
 
     def forward(self, h: torch.Tensor, positions: torch.Tensor, key_valid: torch.Tensor | None = None,
-                hidden: bool = False) -> tuple[torch.Tensor, list[torch.Tensor]]:
+                hidden: bool = False, attend: torch.Tensor | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """The last layer's output and, with ``hidden``, every layer's output (in order)."""
         b, q, d = h.shape
         s, e = self.length, self.length + q
@@ -102,7 +115,11 @@ class LayerStack:
             raise ValueError(f"the cache holds {self.max_len} slots; {e} needed")
         cos, sin = self.cos[positions][:, None], self.sin[positions][:, None]   # (B, 1, q, hd)
         mask = None
-        if q > 1 or key_valid is not None:
+        if attend is not None:
+            if attend.shape != (q, e) or key_valid is not None:
+                raise ValueError(f"attend is ({q}, {e}) booleans over the slots, without key_valid")
+            mask = attend[None, None]
+        elif q > 1 or key_valid is not None:
             mask = causal_allowed(q, s)[None, None]  # causal over slots
             if key_valid is not None:  # padding slots are never read; a padding query reads itself (no NaN)
                 mask = (mask & key_valid[:, None, None, :e]) | (torch.arange(e)[None] == torch.arange(s, e)[:, None])
@@ -142,12 +159,16 @@ class LeanLM:
     def crop(self, length: int) -> None:
         self.stack.crop(length)
 
+    def keep(self, start: int, slots: list[int]) -> None:
+        self.stack.keep(start, slots)
+
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         return self.embed_tokens(ids)
 
     def forward(self, embeds: torch.Tensor, positions: torch.Tensor, key_valid: torch.Tensor | None = None,
-                hidden: bool = False, last_only: bool = False) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        h, outs = self.stack.forward(embeds, positions, key_valid, hidden)
+                hidden: bool = False, last_only: bool = False,
+                attend: torch.Tensor | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        h, outs = self.stack.forward(embeds, positions, key_valid, hidden, attend)
         if last_only and not hidden:
             h = h[:, -1:]
         normed = F.rms_norm(h, (h.shape[-1],), self.norm_w, self.norm_eps)

@@ -162,6 +162,13 @@ def test_trains_lowers_the_loss_resumes_exports_and_is_lossless(setup_dirs, tmp_
     kinds = [k for k in (draft.KIND_QA, draft.KIND_CAPTION) if f"n_prompts_{k}" in m]
     assert kinds == [draft.KIND_QA, draft.KIND_CAPTION]
     assert sum(m[f"n_prompts_{k}"] for k in kinds) == m["n_prompts"]
+    assert not any(k.startswith("tree_") for k in m)
+    # ... and with a token tree too, the same prompts decoded a third time
+    full.extra["params"] = full.extra["params"].model_copy(update={"tree_topk": 2, "tree_nodes": 6})
+    t = draft.evaluate(full)
+    assert t["tree_identical_fraction"] == 1.0 and t["tree_tau"] >= 1.0 and t["tree_nodes"] == 6.0
+    assert {f"tree_{key}_{k}" for key in ("tau", "speedup") for k in kinds} <= set(t)
+    assert t["tau"] == m["tau"] and t["n_prompts"] == m["n_prompts"]
 
     # lossless on 20+ held-out prompts (a larger held-out split of the same world)
     held = load_world(setup_dirs[0], heldout_fraction=0.9).und_heldout

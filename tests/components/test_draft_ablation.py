@@ -138,7 +138,8 @@ def test_report_section_has_the_issues_keys(setup_dirs, tmp_path, monkeypatch): 
 
     torch.set_num_threads(1)
     world, ckpt = setup_dirs
-    values = {**SMALL, "steps": 2, "ablation_steps": 1, "ablation_prompts": 2, "eval_prompts": 5}
+    values = {**SMALL, "steps": 2, "ablation_steps": 1, "ablation_prompts": 2, "eval_prompts": 5, "tree_topk": 2,
+              "tree_nodes": 8}
     params = draft.Params(**values)
     state = run_training(draft, StageContext(params, world, ckpt), LocalReporter(tmp_path / "train"))
     out = tmp_path / "draft"
@@ -154,6 +155,9 @@ def test_report_section_has_the_issues_keys(setup_dirs, tmp_path, monkeypatch): 
     assert set(rep["tokens_per_s"]) == {"target", "speculative"}
     assert rep["by_kind"] and sum(k["n_prompts"] for k in rep["by_kind"].values()) == 5
     assert all(set(k) == {"n_prompts", "tokens", "tau", "speedup"} for k in rep["by_kind"].values())
+    tree = rep["tree"]  # the token tree, decoded in the same evaluation
+    assert (tree["topk"], tree["nodes"], tree["depth"], tree["identical_fraction"]) == (2, 8, 10, 1.0)
+    assert tree["tau"] >= 1.0 and tree["speedup"] > 0 and set(tree["by_kind"]) == set(rep["by_kind"])
     assert set(rep["ablation"]) == set(VARIANTS)
     assert all(set(v) == {"tau", "speedup"} for v in rep["ablation"].values())
     # a draft out from another base checkpoint, or other parameters, is refused

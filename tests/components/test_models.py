@@ -314,6 +314,44 @@ def test_lean_decoding_computes_what_transformers_computes():
         assert torch.allclose(dd.logits(h), draft.logits(h), atol=1e-5)
 
 
+def test_a_token_tree_reads_its_ancestors_only_and_keeps_its_path():
+    """Verifying a token tree in one forward (``attend``): each node's logits are those of its own
+    path decoded alone; ``keep`` then leaves the cache of the accepted path, contiguous."""
+    from components.models.kv_decoder import LeanLM
+
+    torch.manual_seed(1)
+    m = Understanding(UnderstandingConfig(**{**TINY_UND, "layers": 3})).eval()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.normal_(0, 0.3)
+        ids = torch.randint(3, 30, (1, 12))
+        emb = m.lm.get_input_embeddings()
+        full = m.lm(inputs_embeds=emb(ids)).logits
+        lean = LeanLM(m.lm, 1, 20)
+        lean.forward(emb(ids[:, :6]), torch.arange(6)[None])
+        # rows: x = ids[6]; its children a = ids[7] and b (another token); a's child c = ids[8], b's child d
+        tree = [int(ids[0, 6]), int(ids[0, 7]), 29, int(ids[0, 8]), 28]
+        parents = [-1, 0, 0, 1, 2]
+        attend = torch.zeros(5, 11, dtype=torch.bool)
+        attend[:, :6] = True
+        for r in range(5):
+            a = r
+            while a >= 0:
+                attend[r, 6 + a] = True
+                a = parents[a]
+        logits, _ = lean.forward(emb(torch.tensor([tree])), torch.tensor([[6, 7, 7, 8, 8]]), attend=attend)
+        assert torch.allclose(logits[0, [0, 1, 3]], full[0, 6:9], atol=1e-5)   # the path x -> a -> c
+        alt = torch.cat([ids[:, :7], torch.tensor([[29, 28]])], dim=1)          # the path x -> b -> d
+        assert torch.allclose(logits[0, [2, 4]], m.lm(inputs_embeds=emb(alt)).logits[0, 7:9], atol=1e-5)
+        with pytest.raises(ValueError, match="ascending"):
+            lean.keep(6, [7, 6])
+        with pytest.raises(ValueError, match="attend is"):
+            lean.forward(emb(ids[:, 9:]), torch.arange(9, 12)[None], attend=torch.ones(3, 3, dtype=torch.bool))
+        lean.keep(6, [6, 7, 9])  # x, a, c
+        logits, _ = lean.forward(emb(ids[:, 9:]), torch.arange(9, 12)[None])
+        assert torch.allclose(logits, full[:, 9:], atol=1e-5)
+
+
 def test_lean_decoding_follows_weight_changes():
     """The fused projections are reused while the weights are unchanged and rebuilt when they change."""
     from components.models.kv_decoder import LeanLM

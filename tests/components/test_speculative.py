@@ -219,6 +219,52 @@ def test_a_dynamic_chain_stays_lossless_and_drafts_less(stop_below):
     assert b.identical_fraction == 1.0 and b.alpha == [1.0] * 10
 
 
+@pytest.mark.parametrize("seed", [0, 7])
+def test_a_token_tree_is_lossless_and_a_one_wide_tree_is_the_chain(seed):
+    """Greedy verification of a token tree gives the target's own answer whatever the draft; with
+    one child per node and room for the whole depth the tree is the chain, round for round."""
+    torch.set_num_threads(1)
+    target = _target(seed=seed)
+    draft = Draft.from_target(target, DraftConfig.for_target(target, fusion="meta", zero_init=False)).eval()
+    images, prompts = _prompts(10, 12, seed=seed + 2)
+    with torch.no_grad():
+        ref = [target.generate(images[i:i + 1], [p], 20)[0] for i, p in enumerate(prompts)]
+    for i, p in enumerate(prompts):
+        chain = speculative.generate(target, draft, images[i:i + 1], p, 20, chain=6)
+        line = speculative.generate(target, draft, images[i:i + 1], p, 20, chain=6, tree_topk=1, tree_nodes=6)
+        assert line.tokens == chain.tokens == ref[i]
+        assert line.rounds == chain.rounds and line.drafted == chain.drafted
+        for topk, nodes, delay in ((2, 8, 0), (3, 30, 1), (4, 3, 0)):
+            tree = speculative.generate(target, draft, images[i:i + 1], p, 20, chain=6, delay=delay,
+                                        tree_topk=topk, tree_nodes=nodes)
+            assert tree.tokens == ref[i]
+            assert all(1 <= k <= nodes for k in tree.drafted) and all(len(r) <= 6 for r in tree.rounds)
+
+
+def test_a_token_tree_accepts_a_perfect_draft_in_full_and_is_benchmarked_alongside_the_chain():
+    torch.set_num_threads(1)
+    target, draft = _bigram_pair()
+    with torch.no_grad():  # a confident draft: the frontier follows the target's path at every depth
+        target.lm.lm_head.weight.mul_(50.0)
+        draft.lm_head.weight.copy_(target.lm.lm_head.weight)
+    images, prompts = _prompts(4, 16)
+    kinds = ["qa", "caption", "qa", "caption"]
+    bench = speculative.benchmark(target, draft, images, prompts, max_new_tokens=25, chain=10, kinds=kinds,
+                                  tree_topk=2, tree_nodes=40)  # 40 nodes: the whole tree (2 + 9 x 4) is verified
+    t = bench.tree
+    assert (t["topk"], t["nodes"], t["depth"]) == (2, 40, 10) and t["identical_fraction"] == 1.0
+    assert t["alpha"] == [1.0] * 10 and t["tau"] == pytest.approx((11 + 11 + 3) / 3) == bench.tau
+    assert set(t["by_kind"]) == {"qa", "caption"} and t["by_kind"]["qa"]["n_prompts"] == 2
+    m = bench.metrics()
+    assert m["tree_tau"] == t["tau"] and m["tree_topk"] == 2.0 and "tree_speedup_caption" in m
+    assert bench.report()["tree"] is t
+    assert speculative.benchmark(target, draft, images, prompts, max_new_tokens=5, chain=3).tree == {}
+    with pytest.raises(ValueError, match="greedily"):
+        speculative.generate(target, draft, images[:1], prompts[0], 5, mode="sample", tree_topk=2, tree_nodes=4)
+    with pytest.raises(ValueError, match="tree_nodes"):
+        speculative.generate(target, draft, images[:1], prompts[0], 5, tree_topk=2)
+
+
 def test_drafting_stops_at_an_end_of_answer():
     """A perfect draft of a target that does end its answers: the round that drafts eos stops there
     (nothing after an end of answer can be accepted), and the output is still the target's."""
