@@ -214,14 +214,16 @@ def generate(target: Understanding, draft: Draft, image: torch.Tensor, prompt: l
     return result
 
 
-def _ancestry(parents: list[int]) -> torch.Tensor:
-    """``(N, N)`` booleans: row ``i`` may attend ``j`` when ``j`` is ``i`` or one of its ancestors
-    (``parents[i]`` < ``i``, -1 for a child of the root)."""
-    allowed = torch.eye(len(parents), dtype=torch.bool)
+def _ancestry(parents: list[int]) -> list[list[bool]]:
+    """Row ``i`` may attend ``j`` when ``j`` is ``i`` or one of its ancestors (``parents[i]`` < ``i``,
+    -1 for a child of the root). Python lists: at these sizes one tensor built at the end is
+    cheaper than setting elements of one."""
+    rows: list[list[bool]] = []
     for i, par in enumerate(parents):
-        if par >= 0:
-            allowed[i] |= allowed[par]
-    return allowed
+        row = list(rows[par]) if par >= 0 else [False] * len(parents)
+        row[i] = True
+        rows.append(row)
+    return rows
 
 
 def _tree_round(lean: LeanLM, drafter: DraftDecoder, draft: Draft, h_root: torch.Tensor, x: int, n: int, depth: int,
@@ -235,47 +237,46 @@ def _tree_round(lean: LeanLM, drafter: DraftDecoder, draft: Draft, h_root: torch
     parents: list[int] = []       # the node's parent (-1: the root)
     depths: list[int] = []
     scores: list[float] = []      # cumulative draft log-probability
-    slot: dict[int, int] = {}     # node -> its row in the draft cache once expanded
-    hid: dict[int, torch.Tensor] = {}
-    base = drafter.layers.length  # the verified prefix in the draft's cache
+    reads: dict[int, list[int]] = {-1: []}  # expanded node -> the tree rows of the draft's cache it reads
+    hid: dict[int, torch.Tensor] = {-1: h_root}
+    base = drafter.layers.length  # the verified prefix in the draft's cache; tree rows follow it
 
-    def add_children(parent: int, logp: torch.Tensor, score: float, d: int) -> list[int]:
-        top = logp.topk(min(topk, logp.shape[-1]))
-        out = []
-        for lp, tok in zip(top.values.tolist(), top.indices.tolist()):
-            tokens.append(tok), parents.append(parent), depths.append(d), scores.append(score + lp)
-            out.append(len(tokens) - 1)
-        return out
+    def add_children(nodes: list[int], logits: torch.Tensor, d: int) -> list[int]:
+        top = torch.log_softmax(logits.float(), -1).topk(min(topk, logits.shape[-1]))
+        first = len(tokens)
+        for parent, lps, toks in zip(nodes, top.values.tolist(), top.indices.tolist()):
+            for lp, tok in zip(lps, toks):
+                tokens.append(tok), parents.append(parent), depths.append(d)
+                scores.append((scores[parent] if parent >= 0 else 0.0) + lp)
+        return list(range(first, len(tokens)))
 
-    fresh = add_children(-1, torch.log_softmax(drafter.logits(h_root)[0, -1].float(), -1), 0.0, 1)
+    fresh = add_children([-1], drafter.logits(h_root)[0, -1:], 1)
     for d in range(1, depth):
         frontier = sorted((i for i in fresh if tokens[i] != eos), key=lambda i: -scores[i])[:topk]
         if not frontier:
             break
-        start = drafter.layers.length
-        attend = torch.zeros(len(frontier), start + len(frontier), dtype=torch.bool)
-        attend[:, :base] = True
+        start = drafter.layers.length - base
+        rows = []
         for r, i in enumerate(frontier):
-            attend[r, start + r] = True
-            a = parents[i]
-            while a >= 0:
-                attend[r, slot[a]] = True
-                a = parents[a]
-        feat = torch.cat([h_root if parents[i] < 0 else hid[parents[i]] for i in frontier], dim=1)
-        hs = drafter.step(feat, draft.embed(torch.tensor([[tokens[i] for i in frontier]])),
+            reads[i] = reads[parents[i]] + [start + r]
+            row = [False] * (start + len(frontier))
+            for j in reads[i]:
+                row[j] = True
+            rows.append(row)
+        attend = torch.cat([torch.ones(len(frontier), base, dtype=torch.bool), torch.tensor(rows)], dim=1)
+        hs = drafter.step(torch.cat([hid[parents[i]] for i in frontier], dim=1),
+                          draft.embed(torch.tensor([[tokens[i] for i in frontier]])),
                           torch.full((len(frontier),), n + d - 1), attend)
-        logp = torch.log_softmax(drafter.logits(hs)[0].float(), -1)
-        fresh = []
         for r, i in enumerate(frontier):
-            slot[i], hid[i] = start + r, hs[:, r:r + 1]
-            fresh += add_children(i, logp[r], scores[i], d + 1)
+            hid[i] = hs[:, r:r + 1]
+        fresh = add_children(frontier, drafter.logits(hs)[0], d + 1)
     # the best nodes; a child never outscores its parent (log-probabilities <= 0), ties go to the shallower
     keep = sorted(sorted(range(len(tokens)), key=lambda i: (-scores[i], depths[i]))[:max_nodes],
                   key=lambda i: (depths[i], i))
-    row = {i: r + 1 for r, i in enumerate(keep)}  # verification rows: 0 is x, then by depth
-    tree_parents = [0] + [row.get(parents[i], 0) for i in keep]
-    allowed = _ancestry([-1] + tree_parents[1:])
-    attend = torch.cat([torch.ones(len(keep) + 1, n, dtype=torch.bool), allowed], dim=1)
+    row_of = {i: r + 1 for r, i in enumerate(keep)}  # verification rows: 0 is x, then by depth
+    tree_parents = [-1, *(row_of.get(parents[i], 0) for i in keep)]
+    attend = torch.cat([torch.ones(len(keep) + 1, n, dtype=torch.bool), torch.tensor(_ancestry(tree_parents))],
+                       dim=1)
     ids = [x] + [tokens[i] for i in keep]
     positions = torch.tensor([[n] + [n + depths[i] for i in keep]])
     tl, vstates = lean.forward(lean.embed(torch.tensor([ids])), positions, hidden=True, attend=attend)
@@ -347,7 +348,8 @@ class Benchmark:
         """The benchmark report's ``speculative`` keys (without the ablation)."""
         return {"n_prompts": self.n_prompts, "identical_fraction": self.identical_fraction, "tau": self.tau,
                 "alpha": self.alpha, "tokens_per_s": dict(self.tokens_per_s), "speedup": self.speedup,
-                "by_kind": {kind: dict(k) for kind, k in self.by_kind.items()}, **({"tree": self.tree} if self.tree else {})}
+                "by_kind": {kind: dict(k) for kind, k in self.by_kind.items()},
+                **({"tree": self.tree} if self.tree else {})}
 
 
 @torch.no_grad()
@@ -393,7 +395,9 @@ def benchmark(target: Understanding, draft: Draft, images: torch.Tensor, prompts
                 "tokens_per_s": tps, "speedup": tps["speculative"] / max(tps["target"], 1e-9)}
 
     def split(sel: list) -> dict:
-        return {kind: figures([r for r in sel if r[0] == kind]) for kind in sorted({r[0] for r in sel})} if kinds else {}
+        if not kinds:
+            return {}
+        return {kind: figures([r for r in sel if r[0] == kind]) for kind in sorted({r[0] for r in sel})}
 
     a = figures(rows)
     tree = {}
