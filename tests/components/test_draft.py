@@ -150,6 +150,9 @@ def test_trains_lowers_the_loss_resumes_exports_and_is_lossless(setup_dirs, tmp_
     answer, stats = speculative.ask(teacher, loaded, u8, "what colour is the shape?", 12, compare=True)
     assert isinstance(answer, str)
     assert stats["identical"] == 1.0 and {"tokens_per_s", "tokens_per_s_target"} <= set(stats)
+    tree_answer, tree_stats = speculative.ask(teacher, loaded, u8, "what colour is the shape?", 12, compare=True,
+                                              tree_topk=2, tree_nodes=6)
+    assert tree_answer == answer and tree_stats["identical"] == 1.0
 
     # evaluate: the stage's metrics on held-out prompts
     m = draft.evaluate(full)
