@@ -23,9 +23,10 @@ forward (each row attends to the verified prefix and its own ancestors), each pr
 every kept node's ancestors are kept) are verified in one target forward under the tree's mask.
 The longest path whose every token is the target's argmax at its parent is accepted, then the
 target's argmax after it: the output is still the target's own greedy decoding. Its cache keeps
-the path's slots (:meth:`~components.models.kv_decoder.LayerStack.keep`). At the width of this
-project's models a forward costs about the same for 1 or 30 new tokens, so the extra candidates
-are nearly free and only the acceptance length changes.
+the path's slots (:meth:`~components.models.kv_decoder.LayerStack.keep`). Expansion stops early
+once no frontier node can still enter the best ``tree_nodes`` (a child never outscores its parent).
+The tree accepts more per round but each round costs more (a wider verification and draft steps);
+on this project's CPU it was not faster than the chain (reports/NOTES.md).
 
 Target and draft run on static KV caches (``components/models/kv_decoder.py``), the target
 through the same :class:`~components.models.kv_decoder.LeanLM` as its own greedy decoding
@@ -53,7 +54,8 @@ from components.models.understanding import Understanding
 class SpecResult:
     tokens: list[int]                                       # the answer, without eos
     rounds: list[list[bool]] = field(default_factory=list)  # per round: outcome of d_1, d_2, ... until rejection
-    drafted: list[int] = field(default_factory=list)        # per round: draft tokens proposed (<= chain)
+    drafted: list[int] = field(default_factory=list)        # per round: draft tokens proposed (<= chain;
+                                                            # a tree: nodes verified, <= tree_nodes)
 
     @property
     def accepted(self) -> list[int]:
@@ -96,7 +98,7 @@ def generate(target: Understanding, draft: Draft, image: torch.Tensor, prompt: l
              generator: torch.Generator | None = None, stop_below: float = 0.0, delay: int = 0,
              tree_topk: int = 0, tree_nodes: int = 0) -> SpecResult:
     """Speculative decoding of one answer to ``prompt`` (question ids ending in ``sep``) about
-    ``image`` ``(1, 3, H, W)``; up to ``chain`` draft tokens per round.
+    ``image`` ``(1, 3, H, W)``; up to ``chain`` draft tokens per round (a tree: ``chain`` deep).
 
     ``delay``: target-only steps after the first token before the first draft round. An answer
     that ends within them never pays for the draft (its catch-up on the whole prefix costs about a
@@ -148,15 +150,15 @@ def generate(target: Understanding, draft: Draft, image: torch.Tensor, prompt: l
         drafter.layers.crop(p0)
         h = drafter.step(feat, nxt, pos)[:, -1:]
         if tree_topk:
-            outcomes, accepted, new, rows, k, vstates = _tree_round(lean, drafter, draft, h, x, n, k, tree_topk,
-                                                                   tree_nodes, eos)
+            outcomes, accepted, new, rows, k, vstates = _tree_round(lean, drafter, h, x, n, k, tree_topk, tree_nodes,
+                                                                   eos)
             result.rounds.append(outcomes)
             result.drafted.append(k)
             ended = bool(accepted) and accepted[-1] == eos
             emitted += accepted + ([] if ended else [new])
             lean.keep(n, [n + r for r in rows])
             states = torch.stack(vstates, dim=2)[:, rows]
-            nxt = draft.embed(torch.tensor([accepted + [eos if ended else new]]))
+            nxt = drafter.embed(torch.tensor([accepted + [eos if ended else new]]))
             p0, n = n, n + len(rows)
             x = emitted[-1]
             continue
@@ -173,7 +175,7 @@ def generate(target: Understanding, draft: Draft, image: torch.Tensor, prompt: l
             if d == eos:  # nothing after an end of answer can be accepted: stop drafting
                 break
             if i + 1 < k:
-                h = drafter.step(h, draft.embed(torch.tensor([[d]])), torch.tensor([n + i]))
+                h = drafter.step(h, drafter.embed(torch.tensor([[d]])), torch.tensor([n + i]))
         k = len(drafts)
         # 2. verify [x, d_1 .. d_k] at positions n .. n+k
         tl, vstates = lean.forward(lean.embed(torch.tensor([[x] + drafts])), torch.arange(n, n + k + 1)[None],
@@ -206,7 +208,7 @@ def generate(target: Understanding, draft: Draft, image: torch.Tensor, prompt: l
         # 4. keep positions n .. n+m (x and the accepted drafts) in the target's cache
         lean.crop(n + m + 1)
         states = torch.stack(vstates, dim=2)[:, :m + 1]
-        nxt = draft.embed(torch.tensor([accepted + [new if new is not None else eos]]))
+        nxt = drafter.embed(torch.tensor([accepted + [new if new is not None else eos]]))
         p0, n = n, n + m + 1
         x = emitted[-1]
     answer = emitted[:emitted.index(eos)] if eos in emitted else emitted
@@ -226,13 +228,13 @@ def _ancestry(parents: list[int]) -> list[list[bool]]:
     return rows
 
 
-def _tree_round(lean: LeanLM, drafter: DraftDecoder, draft: Draft, h_root: torch.Tensor, x: int, n: int, depth: int,
-                topk: int, max_nodes: int, eos: int):
+def _tree_round(lean: LeanLM, drafter: DraftDecoder, h_root: torch.Tensor, x: int, n: int, depth: int, topk: int,
+                max_nodes: int, eos: int):
     """One greedy round with a token tree: draft it from ``h_root`` (the draft's output on the
     last verified position), verify ``[x, nodes]`` at positions ``n ..``, accept the longest path
     of target argmaxes. Returns (outcomes per depth, accepted tokens, the target's next token
     (None after an accepted eos), the verified rows to keep (0 = ``x``), nodes verified, the
-    target's states of the verified rows)."""
+    target's states of every verified row)."""
     tokens: list[int] = []
     parents: list[int] = []       # the node's parent (-1: the root)
     depths: list[int] = []
@@ -265,16 +267,20 @@ def _tree_round(lean: LeanLM, drafter: DraftDecoder, draft: Draft, h_root: torch
             rows.append(row)
         attend = torch.cat([torch.ones(len(frontier), base, dtype=torch.bool), torch.tensor(rows)], dim=1)
         hs = drafter.step(torch.cat([hid[parents[i]] for i in frontier], dim=1),
-                          draft.embed(torch.tensor([[tokens[i] for i in frontier]])),
+                          drafter.embed(torch.tensor([[tokens[i] for i in frontier]])),
                           torch.full((len(frontier),), n + d - 1), attend)
         for r, i in enumerate(frontier):
             hid[i] = hs[:, r:r + 1]
         fresh = add_children(frontier, drafter.logits(hs)[0], d + 1)
+        if len(tokens) > max_nodes:  # stop once no frontier node can enter the best max_nodes (ties go shallower)
+            cut = sorted(scores, reverse=True)[max_nodes - 1]
+            if max(scores[i] for i in fresh) <= cut:
+                break
     # the best nodes; a child never outscores its parent (log-probabilities <= 0), ties go to the shallower
     keep = sorted(sorted(range(len(tokens)), key=lambda i: (-scores[i], depths[i]))[:max_nodes],
                   key=lambda i: (depths[i], i))
     row_of = {i: r + 1 for r, i in enumerate(keep)}  # verification rows: 0 is x, then by depth
-    tree_parents = [-1, *(row_of.get(parents[i], 0) for i in keep)]
+    tree_parents = [-1, *(row_of[parents[i]] if parents[i] >= 0 else 0 for i in keep)]
     attend = torch.cat([torch.ones(len(keep) + 1, n, dtype=torch.bool), torch.tensor(_ancestry(tree_parents))],
                        dim=1)
     ids = [x] + [tokens[i] for i in keep]
@@ -315,7 +321,7 @@ def alphas(results: list[SpecResult], n_max: int = 10) -> list[float]:
 
 KIND_METRICS = ("n_prompts", "tokens", "tau", "speedup")  # per-kind figures logged as ``<metric>_<kind>``
 TREE_METRICS = ("topk", "nodes", "identical_fraction", "tau", "speedup")  # logged as ``tree_<metric>``
-# (and ``tree_tokens_per_s``, ``tree_tau_<kind>``, ``tree_speedup_<kind>``)
+# (and ``tree_tokens_per_s``, ``tree_alpha_<n>``, ``tree_tau_<kind>``, ``tree_speedup_<kind>``)
 
 
 @dataclass
@@ -340,6 +346,7 @@ class Benchmark:
         if self.tree:
             out.update({f"tree_{key}": float(self.tree[key]) for key in TREE_METRICS})
             out["tree_tokens_per_s"] = self.tree["tokens_per_s"]["speculative"]
+            out.update({f"tree_alpha_{i + 1}": a for i, a in enumerate(self.tree["alpha"])})
             for kind, k in self.tree["by_kind"].items():
                 out.update({f"tree_{key}_{kind}": float(k[key]) for key in ("tau", "speedup")})
         return out

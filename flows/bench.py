@@ -340,7 +340,9 @@ def speculative_section(profile: str) -> dict[str, Any]:
         "by_kind": {kind: {key: m.get(f"{key}_{kind}") for key in speculative.KIND_METRICS}
                     for kind in (draft.KIND_QA, draft.KIND_CAPTION) if f"tau_{kind}" in m},
         **({"tree": {"topk": params.tree_topk, "nodes": params.tree_nodes, "depth": params.chain,
-                     **{key: m.get(f"tree_{key}") for key in ("identical_fraction", "tau", "tokens_per_s", "speedup")},
+                     **{key: m.get(f"tree_{key}") for key in ("identical_fraction", "tau", "speedup")},
+                     "tokens_per_s": {"target": m.get("tokens_per_s_target"), "speculative": m.get("tree_tokens_per_s")},
+                     "alpha": [m.get(f"tree_alpha_{n}", float("nan")) for n in range(1, params.chain + 1)],
                      "by_kind": {kind: {key: m.get(f"tree_{key}_{kind}") for key in ("tau", "speedup")}
                                  for kind in (draft.KIND_QA, draft.KIND_CAPTION) if f"tree_tau_{kind}" in m}}}
            if "tree_tau" in m else {}),

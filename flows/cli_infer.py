@@ -121,7 +121,7 @@ def ask(model: str = typer.Option(..., "--model", "-m"),
                                          help="decode with the draft model (the same greedy answer, float32)"),
         draft: str = typer.Option("models:/hyperbagel-draft@champion", "--draft",
                                   help="the draft's model URI (other profiles: hyperbagel-draft-PROFILE)"),
-        chain: int = typer.Option(10, help="draft tokens per round"),
+        chain: int = typer.Option(10, min=1, help="draft tokens per round (a tree: its depth)"),
         delay: int = typer.Option(1, min=0, help="target-only steps before the first draft round"),
         tree_topk: int = typer.Option(0, min=0, help="> 0: draft a token tree (EAGLE-2), this many children per "
                                                    "expanded node, --chain deep; 0: a chain"),

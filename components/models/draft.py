@@ -210,6 +210,13 @@ class DraftDecoder:
         self.draft = draft
         self.dec = LayerStack([draft.dec], draft.rotary, 1, max_len) if draft.cfg.fusion == "meta" else None
         self.layers = LayerStack(draft.layers, draft.rotary, 1, max_len)
+        # the frozen embedding, norm and head read directly: a module call costs more than the arithmetic
+        self.embed_w, self.head_w = draft.embed.weight.detach(), draft.lm_head.weight.detach()
+        self.norm_w, self.norm_eps = draft.norm.weight.detach(), draft.norm.variance_epsilon
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """``draft.embed(ids)``."""
+        return self.embed_w[ids]
 
     def fuse(self, states: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """``F_in`` for the next target positions ``positions`` ``(S,)``, after those in the Dec cache."""
@@ -227,7 +234,8 @@ class DraftDecoder:
                                    attend=attend)[0]
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
-        return self.draft.logits(h)
+        """``draft.logits(h)``: the target's final norm and LM head."""
+        return F.linear(F.rms_norm(h, (h.shape[-1],), self.norm_w, self.norm_eps), self.head_w)
 
 
 def target_states(out) -> torch.Tensor:

@@ -94,7 +94,8 @@ class LayerStack:
     def keep(self, start: int, slots: list[int]) -> None:
         """Move the cached ``slots`` (ascending, each >= ``start``) to ``start, start+1, ...`` and
         crop after them: the accepted path of a token tree becomes a contiguous prefix."""
-        if any(b <= a for a, b in zip(slots, slots[1:])) or (slots and (slots[0] < start or slots[-1] >= self.length)):
+        if (any(b <= a for a, b in zip(slots, slots[1:])) or start > self.length
+                or (slots and (slots[0] < start or slots[-1] >= self.length))):
             raise ValueError(f"slots {slots} are not ascending within [{start}, {self.length})")
         if slots != list(range(start, start + len(slots))):
             idx = torch.tensor(slots)
@@ -116,7 +117,7 @@ class LayerStack:
         cos, sin = self.cos[positions][:, None], self.sin[positions][:, None]   # (B, 1, q, hd)
         mask = None
         if attend is not None:
-            if attend.shape != (q, e) or key_valid is not None:
+            if attend.shape != (q, e) or attend.dtype != torch.bool or key_valid is not None:
                 raise ValueError(f"attend is ({q}, {e}) booleans over the slots, without key_valid")
             mask = attend[None, None]
         elif q > 1 or key_valid is not None:

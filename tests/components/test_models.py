@@ -312,6 +312,7 @@ def test_lean_decoding_computes_what_transformers_computes():
         assert torch.allclose(mine, feat, atol=1e-5)
         assert torch.allclose(dd.step(mine, nxt, torch.arange(12)), h, atol=1e-5)
         assert torch.allclose(dd.logits(h), draft.logits(h), atol=1e-5)
+        assert torch.equal(dd.embed(ids), draft.embed(ids))
 
 
 def test_a_token_tree_reads_its_ancestors_only_and_keeps_its_path():

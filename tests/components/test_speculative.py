@@ -241,6 +241,39 @@ def test_a_token_tree_is_lossless_and_a_one_wide_tree_is_the_chain(seed):
             assert all(1 <= k <= nodes for k in tree.drafted) and all(len(r) <= 6 for r in tree.rounds)
 
 
+def test_every_tree_row_reads_its_prefix_and_ancestors_only(monkeypatch):
+    """The tree masks of draft and target: a row at rotary position p reads exactly p + 1 slots (the
+    verified prefix, its ancestors, itself: one per position before it; a sibling's or a cousin's
+    would be one more); the draft stops expanding once no node can enter the verified set."""
+    from components.models.kv_decoder import LayerStack
+
+    torch.set_num_threads(1)
+    target = _target(seed=0)
+    draft = Draft.from_target(target, DraftConfig.for_target(target, fusion="meta", zero_init=False)).eval()
+    images, prompts = _prompts(6, 12)
+    seen = {"rows": 0, "calls": 0}
+    forward = LayerStack.forward
+
+    def checked(self, h, positions, key_valid=None, hidden=False, attend=None):
+        if attend is not None:
+            seen["calls"] += 1
+            assert attend.sum(-1).tolist() == (positions[0] + 1).tolist()
+            seen["rows"] += attend.shape[0]
+        return forward(self, h, positions, key_valid, hidden, attend)
+
+    monkeypatch.setattr(LayerStack, "forward", checked)
+    with torch.no_grad():
+        ref = [target.generate(images[i:i + 1], [p], 16)[0] for i, p in enumerate(prompts)]
+    for i, p in enumerate(prompts):
+        assert speculative.generate(target, draft, images[i:i + 1], p, 16, chain=5, tree_topk=3,
+                                    tree_nodes=12).tokens == ref[i]
+    assert seen["rows"] > 0
+    # with room for 2 nodes only, depth 8: a tree round runs fewer draft expansions than 7
+    seen["calls"] = 0
+    res = speculative.generate(target, draft, images[:1], prompts[0], 16, chain=8, tree_topk=3, tree_nodes=2)
+    assert res.tokens == ref[0] and 0 < seen["calls"] < 8 * len(res.rounds)
+
+
 def test_a_token_tree_accepts_a_perfect_draft_in_full_and_is_benchmarked_alongside_the_chain():
     torch.set_num_threads(1)
     target, draft = _bigram_pair()
@@ -279,10 +312,13 @@ def test_drafting_stops_at_an_end_of_answer():
     ended = 0
     for img, prompt in zip(images, prompts):
         res = speculative.generate(target, draft, img[None], prompt, max_new_tokens=40, chain=10)
+        tree = speculative.generate(target, draft, img[None], prompt, max_new_tokens=40, chain=10, tree_topk=2,
+                                    tree_nodes=12)
         plain = target.generate(img[None], [prompt], 40)[0]
-        assert res.tokens == plain
+        assert res.tokens == plain == tree.tokens
         if len(plain) < 39 and len(res.rounds) > 0:  # the answer ended with eos inside a round
             ended += 1
             last = res.rounds[-1]
             assert all(last) and res.drafted[-1] == len(last) <= 10
+            assert all(tree.rounds[-1]) and len(tree.rounds[-1]) == len(last)  # the tree's path ends at eos too
     assert ended > 0
