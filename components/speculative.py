@@ -144,76 +144,75 @@ def generate(target: Understanding, draft: Draft, image: torch.Tensor, prompt: l
     while x != eos and len(emitted) < max_new_tokens:
         drafter = drafter or DraftDecoder(draft, max_len)
         k = min(chain, max_new_tokens - len(emitted))
-        # 1. draft: catch up on the verified positions, then a chain of k tokens
+        # 1. the draft catches up on the positions verified last round
         pos = torch.arange(p0, n)
         feat = drafter.fuse(states, pos)
         drafter.layers.crop(p0)
         h = drafter.step(feat, nxt, pos)[:, -1:]
+        # 2.-3. draft the round's tokens (a chain or a tree), verify them, accept
         if tree_topk:
             outcomes, accepted, new, rows, k, vstates = _tree_round(lean, drafter, h, x, n, k, tree_topk, tree_nodes,
                                                                    eos)
-            result.rounds.append(outcomes)
-            result.drafted.append(k)
-            ended = bool(accepted) and accepted[-1] == eos
-            emitted += accepted + ([] if ended else [new])
-            lean.keep(n, [n + r for r in rows])
-            states = torch.stack(vstates, dim=2)[:, rows]
-            nxt = drafter.embed(torch.tensor([accepted + [eos if ended else new]]))
-            p0, n = n, n + len(rows)
-            x = emitted[-1]
-            continue
-        drafts: list[int] = []
-        q: list[torch.Tensor] = []
-        for i in range(k):
-            logits = drafter.logits(h)[0, -1]
-            if stop_below > 0 and i > 0 and float(torch.softmax(logits.float(), -1).max()) < stop_below:
-                break
-            d = s.draw(logits)
-            drafts.append(d)
-            if not s.greedy:
-                q.append(s.probs(logits))
-            if d == eos:  # nothing after an end of answer can be accepted: stop drafting
-                break
-            if i + 1 < k:
-                h = drafter.step(h, drafter.embed(torch.tensor([[d]])), torch.tensor([n + i]))
-        k = len(drafts)
-        # 2. verify [x, d_1 .. d_k] at positions n .. n+k
-        tl, vstates = lean.forward(lean.embed(torch.tensor([[x] + drafts])), torch.arange(n, n + k + 1)[None],
-                                   hidden=True)
-        tl = tl[0]
-        best = tl.argmax(-1).tolist() if s.greedy else []
-        # 3. accept / reject
-        outcomes: list[bool] = []
-        new: int | None = None
-        for i, d in enumerate(drafts):
-            if s.greedy:
-                ok = d == best[i]
-            else:
-                p = s.probs(tl[i])
-                ok = s.uniform() * float(q[i][d]) < float(p[d])
-                if not ok:
-                    resid = (p - q[i]).clamp_min(0)
-                    new = s.multinomial(resid / resid.sum()) if float(resid.sum()) > 0 else s.multinomial(p)
-            outcomes.append(ok)
-            if not ok or d == eos:
-                break
-        m = sum(outcomes)
-        accepted = drafts[:m]
-        ended = bool(accepted) and accepted[-1] == eos
-        if not ended and new is None:
-            new = best[m] if s.greedy else s.draw(tl[m])
+        else:
+            outcomes, accepted, new, rows, k, vstates = _chain_round(lean, drafter, s, h, x, n, k, stop_below, eos)
         result.rounds.append(outcomes)
         result.drafted.append(k)
-        emitted += accepted + ([new] if new is not None and not ended else [])
-        # 4. keep positions n .. n+m (x and the accepted drafts) in the target's cache
-        lean.crop(n + m + 1)
-        states = torch.stack(vstates, dim=2)[:, :m + 1]
-        nxt = drafter.embed(torch.tensor([accepted + [new if new is not None else eos]]))
-        p0, n = n, n + m + 1
+        ended = bool(accepted) and accepted[-1] == eos
+        emitted += accepted + ([] if ended else [new])
+        # 4. keep x and the accepted drafts in the target's cache, at positions n .. n+m
+        lean.keep(n, [n + r for r in rows])
+        states = torch.stack(vstates, dim=2)[:, rows]
+        nxt = drafter.embed(torch.tensor([accepted + [eos if ended else new]]))
+        p0, n = n, n + len(rows)
         x = emitted[-1]
     answer = emitted[:emitted.index(eos)] if eos in emitted else emitted
     result.tokens = answer[:max_new_tokens]
     return result
+
+
+def _chain_round(lean: LeanLM, drafter: DraftDecoder, s: _Sampler, h: torch.Tensor, x: int, n: int, k: int,
+                 stop_below: float, eos: int):
+    """One round with a chain of up to ``k`` drafts from ``h`` (the draft's output on the last
+    verified position), verified at positions ``n ..`` greedily or by the accept/reject rule.
+    Returns what :func:`_tree_round` returns (the rows to keep are ``0 .. m``)."""
+    drafts: list[int] = []
+    q: list[torch.Tensor] = []
+    for i in range(k):
+        logits = drafter.logits(h)[0, -1]
+        if stop_below > 0 and i > 0 and float(torch.softmax(logits.float(), -1).max()) < stop_below:
+            break
+        d = s.draw(logits)
+        drafts.append(d)
+        if not s.greedy:
+            q.append(s.probs(logits))
+        if d == eos:  # nothing after an end of answer can be accepted: stop drafting
+            break
+        if i + 1 < k:
+            h = drafter.step(h, drafter.embed(torch.tensor([[d]])), torch.tensor([n + i]))
+    # verify [x, d_1 .. d_k] at positions n .. n+k
+    tl, vstates = lean.forward(lean.embed(torch.tensor([[x] + drafts])), torch.arange(n, n + len(drafts) + 1)[None],
+                               hidden=True)
+    tl = tl[0]
+    best = tl.argmax(-1).tolist() if s.greedy else []
+    outcomes: list[bool] = []
+    new: int | None = None
+    for i, d in enumerate(drafts):
+        if s.greedy:
+            ok = d == best[i]
+        else:
+            p = s.probs(tl[i])
+            ok = s.uniform() * float(q[i][d]) < float(p[d])
+            if not ok:
+                resid = (p - q[i]).clamp_min(0)
+                new = s.multinomial(resid / resid.sum()) if float(resid.sum()) > 0 else s.multinomial(p)
+        outcomes.append(ok)
+        if not ok or d == eos:
+            break
+    m = sum(outcomes)
+    accepted = drafts[:m]
+    if not (accepted and accepted[-1] == eos) and new is None:
+        new = best[m] if s.greedy else s.draw(tl[m])
+    return outcomes, accepted, new, list(range(m + 1)), len(drafts), vstates
 
 
 def _ancestry(parents: list[int]) -> list[list[bool]]:
@@ -321,7 +320,7 @@ def alphas(results: list[SpecResult], n_max: int = 10) -> list[float]:
 
 KIND_METRICS = ("n_prompts", "tokens", "tau", "speedup")  # per-kind figures logged as ``<metric>_<kind>``
 TREE_METRICS = ("topk", "nodes", "identical_fraction", "tau", "speedup")  # logged as ``tree_<metric>``
-# (and ``tree_tokens_per_s``, ``tree_alpha_<n>``, ``tree_tau_<kind>``, ``tree_speedup_<kind>``)
+TREE_KIND_METRICS = ("tau", "speedup")  # ``tree_<metric>_<kind>`` (and ``tree_tokens_per_s``, ``tree_alpha_<n>``)
 
 
 @dataclass
@@ -348,7 +347,7 @@ class Benchmark:
             out["tree_tokens_per_s"] = self.tree["tokens_per_s"]["speculative"]
             out.update({f"tree_alpha_{i + 1}": a for i, a in enumerate(self.tree["alpha"])})
             for kind, k in self.tree["by_kind"].items():
-                out.update({f"tree_{key}_{kind}": float(k[key]) for key in ("tau", "speedup")})
+                out.update({f"tree_{key}_{kind}": float(k[key]) for key in TREE_KIND_METRICS})
         return out
 
     def report(self) -> dict:

@@ -339,13 +339,7 @@ def speculative_section(profile: str) -> dict[str, Any]:
         "speedup": m.get("speedup"),
         "by_kind": {kind: {key: m.get(f"{key}_{kind}") for key in speculative.KIND_METRICS}
                     for kind in (draft.KIND_QA, draft.KIND_CAPTION) if f"tau_{kind}" in m},
-        **({"tree": {"topk": params.tree_topk, "nodes": params.tree_nodes, "depth": params.chain,
-                     **{key: m.get(f"tree_{key}") for key in ("identical_fraction", "tau", "speedup")},
-                     "tokens_per_s": {"target": m.get("tokens_per_s_target"), "speculative": m.get("tree_tokens_per_s")},
-                     "alpha": [m.get(f"tree_alpha_{n}", float("nan")) for n in range(1, params.chain + 1)],
-                     "by_kind": {kind: {key: m.get(f"tree_{key}_{kind}") for key in ("tau", "speedup")}
-                                 for kind in (draft.KIND_QA, draft.KIND_CAPTION) if f"tree_tau_{kind}" in m}}}
-           if "tree_tau" in m else {}),
+        **({"tree": _tree_figures(m, params)} if "tree_tau" in m else {}),
         "ablation": {v: {"tau": r["tau"], "speedup": r["speedup"]} for v, r in ablation.items()},
         "ablation_detail": ablation,
         "conditions": {"chain": params.chain, "stop_below": params.stop_below, "delay": params.delay,
@@ -354,6 +348,18 @@ def speculative_section(profile: str) -> dict[str, Any]:
                        "draft_steps": params.steps, "ablation_steps": params.ablation_steps,
                        "ablation_prompts": params.ablation_prompts},
     })
+
+
+def _tree_figures(m: dict[str, float], params) -> dict[str, Any]:
+    """The token tree's figures from the draft stage's metrics (``tree_*``), decoded in the same run as the chain."""
+    from components import draft, speculative
+
+    return {"topk": params.tree_topk, "nodes": params.tree_nodes, "depth": params.chain,
+            **{key: m.get(f"tree_{key}") for key in ("identical_fraction", "tau", "speedup")},
+            "tokens_per_s": {"target": m.get("tokens_per_s_target"), "speculative": m.get("tree_tokens_per_s")},
+            "alpha": [m.get(f"tree_alpha_{n}", float("nan")) for n in range(1, params.chain + 1)],
+            "by_kind": {kind: {key: m.get(f"tree_{key}_{kind}") for key in speculative.TREE_KIND_METRICS}
+                        for kind in (draft.KIND_QA, draft.KIND_CAPTION) if f"tree_tau_{kind}" in m}}
 
 
 SECTIONS: dict[str, Callable[[str], dict[str, Any]]] = {

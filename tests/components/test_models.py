@@ -270,6 +270,16 @@ def test_understanding_kv_cache_generation_matches_recomputation():
         assert answers[i] == seq
 
 
+def _random_understanding(layers: int, seed: int) -> tuple[Understanding, torch.Tensor]:
+    """A tiny expert with large random weights (every layer matters) and 12 token ids."""
+    torch.manual_seed(seed)
+    m = Understanding(UnderstandingConfig(**{**TINY_UND, "layers": layers})).eval()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.normal_(0, 0.3)
+    return m, torch.randint(3, 30, (1, 12))
+
+
 def test_lean_decoding_computes_what_transformers_computes():
     """The static-cache forward used for decoding (kv_decoder) against transformers' Qwen2: a prefill
     with hidden states, then a crop and a multi-token continuation on the cache, to float32 rounding;
@@ -279,12 +289,8 @@ def test_lean_decoding_computes_what_transformers_computes():
     from components.models.draft import Draft, DraftConfig, DraftDecoder, target_states
     from components.models.kv_decoder import LeanLM
 
-    torch.manual_seed(0)
-    m = Understanding(UnderstandingConfig(**{**TINY_UND, "layers": 4})).eval()
+    m, ids = _random_understanding(layers=4, seed=0)
     with torch.no_grad():
-        for p in m.parameters():
-            p.normal_(0, 0.3)
-        ids = torch.randint(3, 30, (1, 12))
         embeds = m.lm.get_input_embeddings()(ids)
         full = m.lm(inputs_embeds=embeds, output_hidden_states=True)
         lean = LeanLM(m.lm, 1, 16)
@@ -320,12 +326,8 @@ def test_a_token_tree_reads_its_ancestors_only_and_keeps_its_path():
     path decoded alone; ``keep`` then leaves the cache of the accepted path, contiguous."""
     from components.models.kv_decoder import LeanLM
 
-    torch.manual_seed(1)
-    m = Understanding(UnderstandingConfig(**{**TINY_UND, "layers": 3})).eval()
+    m, ids = _random_understanding(layers=3, seed=1)
     with torch.no_grad():
-        for p in m.parameters():
-            p.normal_(0, 0.3)
-        ids = torch.randint(3, 30, (1, 12))
         emb = m.lm.get_input_embeddings()
         full = m.lm(inputs_embeds=emb(ids)).logits
         lean = LeanLM(m.lm, 1, 20)
