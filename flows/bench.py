@@ -198,6 +198,7 @@ def distill6_section(profile: str) -> dict[str, Any]:
     import shutil
 
     from components.base_eval import compare_speed, speedups
+    from components.evaluation import paired
     from components.inference import Teacher
     from tasks.project import find_project, workspace
 
@@ -251,6 +252,12 @@ def distill6_section(profile: str) -> dict[str, Any]:
                          "stage_s": (m.get("timing") or {}).get("stage_s")}
     dm = ev["dmdo_eval"]["metrics"]
     t = ev["base_eval"]["metrics"]
+    teacher_dir, student_dir = ws.out_path("base_eval"), ws.out_path("dmdo_eval")
+    intervals = {"geneval": paired.paired_drop(paired.geneval_scores(teacher_dir / "geneval" / "results.jsonl"),
+                                               paired.geneval_scores(student_dir / "geneval" / "results.jsonl"))}
+    for lang in gedit["dmdo"]:
+        intervals[f"gedit_{lang}_O"] = paired.paired_drop(paired.gedit_scores(teacher_dir / "gedit.csv", lang),
+                                                          paired.gedit_scores(student_dir / "gedit.csv", lang))
     return {
         "geneval": geneval, "gedit": gedit,
         "nfe": {"t2i": dm.get("nfe_t2i"), "edit": dm.get("nfe_edit"),
@@ -260,6 +267,10 @@ def distill6_section(profile: str) -> dict[str, Any]:
             "geneval_drop": round(geneval["teacher"]["overall"] - geneval["dmdo"]["overall"], 4),
             "gedit_O_drop": {lang: round(gedit["teacher"][lang]["O"] - gedit["dmdo"][lang]["O"], 4)
                              for lang in gedit["dmdo"]},
+            # the same drops from the per-item files, with a 95 % paired-bootstrap interval over the
+            # prompts / edits (components/evaluation/paired.py): how much of a drop is the item sample
+            "drop_ci95": {k: {"drop": round(v["drop"], 4), "lo": round(v["lo"], 4), "hi": round(v["hi"], 4),
+                              "items": int(v["n"])} for k, v in intervals.items()},
         },
         "stages": curves,
         "images": images,
