@@ -427,7 +427,8 @@ def to_markdown(report: dict[str, Any]) -> str:
         run = (report.get("provenance") or {}).get(name)
         if run:
             lines += [f"Measured by `{run['command']}` ({run['profile']} profile) at git `{run['git_sha']}` on "
-                      f"{run['date']}; machine: {_describe(run['machine'])}.", ""]
+                      f"{run['date']}; machine: {_describe(run['machine'])}."
+                      + (f" {run['note']}" if run.get("note") else ""), ""]
         lines += ["```json", json.dumps(report[name], indent=2, default=str), "```", ""]
         for img in report[name].get("images", []) if isinstance(report[name], dict) else []:
             lines += [f"![{img}]({img})", ""]
