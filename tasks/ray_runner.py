@@ -84,7 +84,10 @@ def ensure_ray(project: Path, num_cpus: int | None = None) -> str:
     if not ray.is_initialized():
         _OWNED = True
         env_vars = {"PYTHONPATH": os.pathsep.join(filter(None, [str(project), os.environ.get("PYTHONPATH")])),
-                    "HYPERBAGEL_PROJECT": str(project)}
+                    "HYPERBAGEL_PROJECT": str(project),
+                    # Ray Train's print patch logs a worker's print() to stderr and also tees it to stdout
+                    # (Ray wraps stdout): Ray forwards both, so every progress line reached the console twice
+                    "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
         # no credentials here: a runtime_env can end up in Ray's logs. A local runtime inherits this
         # process's environment; S3 storage gets its credentials through its filesystem object.
         for key in ("MLFLOW_TRACKING_URI", "HYPERBAGEL_STATE", "HYPERBAGEL_FAULT_AT_STEP",

@@ -300,6 +300,12 @@ def test_retraining_on_an_s3_batch(ops, served, tmp_path):
     assert done["deployment_id"] == retrain_dep["id"]  # started by the schedule, no person
     served.stop()  # the later tests read a settled project
 
+    # the operator's log shows the training's progress, each line once (Ray Train's print patch would
+    # send a worker's print to both its stdout and its stderr, and Ray forwards both)
+    progress = [line for line in served.log.read_text().splitlines() if "[tiny_train] step " in line]
+    assert progress, served.log.read_text()[-3000:]
+    assert len(progress) == len(set(progress)), sorted(progress)
+
     # versioned with DVC: the data stage's out is the ingest, only the stages reading it reran
     assert ingest_run.data.tags["batch.md5"] == batch_md5
     data_md5 = ingest_run.data.tags["dvc.md5"]
