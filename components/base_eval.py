@@ -186,15 +186,39 @@ def sampling_speed(model: Teacher, batch: int, num_steps: int | None = None, see
     return out
 
 
-def compare_speed(models: dict[str, Teacher], batch: int, repeats: int = 3, rounds: int = 2
-                  ) -> dict[str, dict[str, float]]:
-    """:func:`sampling_speed` of every model, in ``rounds`` alternating rounds so that each sees the
-    same machine state; per timing the best over the rounds."""
+def compare_speed(models: dict[str, Teacher], batch: int, repeats: int = 6) -> dict[str, dict[str, float]]:
+    """Seconds per image of every model (T2I and editing, at ``batch`` and at batch 1, on
+    :func:`speed_inputs`) and the NFE counted per image, for a speedup between them.
+
+    The models are timed call by call in alternation (teacher, student, teacher, ...), ``repeats``
+    calls each per cell after one untimed warm-up call of each, and a cell's time is a model's best
+    call: a change in the machine's speed while they run (another tenant, a clock change) then falls
+    on both alike instead of on whichever was timed in that stretch. A model that cannot edit has
+    no editing cells."""
+    prompt, src, instr = speed_inputs()
+
+    def call(task: str, b: int):
+        if task == "t2i":
+            return lambda m: m.generate([prompt] * b, seed=0)
+        return lambda m: m.edit(np.repeat(src[None], b, axis=0), [instr] * b, seed=0)
+
     timing: dict[str, dict[str, float]] = {name: {} for name in models}
-    for _ in range(rounds):
-        for name, model in models.items():
-            for k, v in sampling_speed(model, batch, repeats=repeats).items():
-                timing[name][k] = min(v, timing[name].get(k, v)) if k.endswith("_s") else v
+    for task in ("t2i", "edit"):
+        for b in (batch, 1):
+            fn, able = call(task, b), {}
+            for name, model in models.items():
+                try:
+                    fn(model)
+                except InputError:
+                    continue
+                able[name] = model
+            best = {name: math.inf for name in able}
+            for _ in range(repeats):
+                for name, model in able.items():
+                    best[name] = min(best[name], _timed(fn, model)[1])
+            for name, model in able.items():
+                timing[name][f"{task}_b{b}_s"] = best[name] / b
+                timing[name][f"nfe_{task}"] = float(model.last_nfe)
     return timing
 
 

@@ -15,7 +15,9 @@ image that is not 64x64 RGB.
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -78,6 +80,31 @@ def autocast(enabled: bool):
     if enabled and bf16_native():
         return torch.autocast("cpu", dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+_BF16_COPIES: "weakref.WeakKeyDictionary[torch.nn.Module, tuple[tuple, torch.nn.Module]]" = weakref.WeakKeyDictionary()
+
+
+def bf16_weights(module: torch.nn.Module) -> torch.nn.Module:
+    """A copy of ``module`` whose linear and convolution layers hold bfloat16 weights, for inference
+    under bfloat16 autocast; it computes exactly what ``module`` computes there.
+
+    Autocast casts every float32 weight to bfloat16 on first use in a region and drops those casts
+    when the outermost region exits, so each sampling call cast the generator's and the decoder's
+    weights again (measured on the 6-NFE edit at batch 1: ~1.2 ms of the generator's first pass,
+    ~0.4 ms of the decoder's). The copy holds the same bfloat16 values autocast would have made, so
+    the result is unchanged. It is kept while ``module``'s parameters and buffers are: the key holds
+    their storage and in-place version counters, which optimiser steps, EMA updates and
+    ``load_state_dict`` all advance."""
+    key = (module.training, tuple((t.data_ptr(), t._version) for t in (*module.parameters(), *module.buffers())))
+    hit = _BF16_COPIES.get(module)
+    if hit is None or hit[0] != key:
+        fast = copy.deepcopy(module).requires_grad_(False)
+        for layer in fast.modules():
+            if isinstance(layer, (torch.nn.Linear, torch.nn.Conv2d)):
+                layer.to(torch.bfloat16)
+        hit = _BF16_COPIES[module] = (key, fast)
+    return hit[1]
 
 
 def velocity_fn(gen: Generator, bf16: bool):
@@ -168,16 +195,18 @@ class Teacher:
         shape = (cond.text.shape[0], g.in_channels, g.sample_size, g.sample_size)
         noise = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
         conds = sampling.Conditions(cond, cond.without_text(), cond.without_image())
-        counter = sampling.NFECounter(velocity_fn(self.generator, self.bf16))
-        # one autocast region for the whole chain: autocast keeps its bfloat16 copy of every weight
-        # until the outermost region exits, so the weights are cast once per call, not once per pass
-        # (the passes compute exactly what they did); the decoder runs in it too (its image is within
-        # 2 uint8 levels of a float32 decoder's)
+        # under bfloat16 the generator and the decoder run from stored bfloat16 weights (bf16_weights:
+        # the same numbers, without casting every weight again in each call); the decoder's image is
+        # within 2 uint8 levels of a float32 decoder's
+        fast = self.bf16 and bf16_native()
+        generator = bf16_weights(self.generator) if fast else self.generator
+        space = bf16_weights(self.autoencoder) if fast else self.autoencoder
+        counter = sampling.NFECounter(velocity_fn(generator, self.bf16))
         with torch.no_grad(), autocast(self.bf16):
             z = sampling.sample(counter, noise, conds, num_steps=num_steps or self.default_steps, cfg=cfg,
                                 shift=float(self.sampler.get("shift", sampling.SHIFT)), token_patch=g.patch_size,
                                 embedded=self.embedded_cfg)
-            images = self.autoencoder.decode(z)
+            images = space.decode(z)
         self.last_nfe = counter.nfe
         return to_uint8(images)
 

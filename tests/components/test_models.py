@@ -371,6 +371,35 @@ def test_lean_decoding_follows_weight_changes():
         assert torch.allclose(after, m.lm(inputs_embeds=x).logits, atol=1e-5)
 
 
+def test_stored_bfloat16_weights_compute_what_autocast_computes_and_follow_weight_changes():
+    """Sampling runs the generator and the decoder from bfloat16 copies of their weights: the same
+    numbers autocast computes from the float32 weights, the originals untouched, the copy reused
+    while the weights are unchanged and rebuilt after an in-place change."""
+    from components.inference import bf16_weights
+
+    g = tiny_generator().eval()
+    torch.manual_seed(0)
+    ae = Autoencoder(AutoencoderConfig(channels=(8, 16))).eval()
+    x, t, cond = inputs()
+    z = torch.randn(2, 4, 16, 16)
+    bf16 = torch.autocast("cpu", dtype=torch.bfloat16)
+    with torch.no_grad(), bf16:
+        fast = bf16_weights(g)
+        assert fast is not g and fast.blocks[0].qkv.weight.dtype == torch.bfloat16
+        assert g.blocks[0].qkv.weight.dtype == torch.float32
+        assert torch.equal(fast(x, t, cond), g(x, t, cond))
+        assert bf16_weights(g) is fast
+        assert torch.equal(bf16_weights(ae).decode(z), ae.decode(z))
+    with torch.no_grad():
+        g.blocks[0].qkv.weight.add_(0.1)  # as an optimiser step would
+        ae.latent_std.mul_(2.0)  # a buffer: recalibration
+    with torch.no_grad(), bf16:
+        again = bf16_weights(g)
+        assert again is not fast and torch.equal(again(x, t, cond), g(x, t, cond))
+        assert not torch.equal(again(x, t, cond), fast(x, t, cond))
+        assert torch.equal(bf16_weights(ae).decode(z), ae.decode(z))
+
+
 def test_bf16_autocast_only_where_the_cpu_computes_bfloat16():
     """bf16 is honoured on CPUs with native bfloat16 and falls back to float32 elsewhere (emulated
     bfloat16 is ~20x slower than float32); never on request of float32."""
