@@ -190,7 +190,8 @@ def compare_speed(models: dict[str, Teacher], batch: int, repeats: int = 6) -> d
     """Seconds per image of every model (T2I and editing, at ``batch`` and at batch 1, on
     :func:`speed_inputs`) and the NFE counted per image, for a speedup between them.
 
-    Per cell, after one untimed warm-up call of each model, the models are timed in alternation
+    Per cell, after an untimed warm-up call of each model and one more call that sizes its samples,
+    the models are timed in alternation
     (teacher, student, teacher, ...), ``repeats`` samples each, and a cell's time is a model's best
     sample. A sample spans about the same wall time for every model, as timeit's loops do: the
     faster model's sample is the mean of as many consecutive calls as fit in one call of the
@@ -215,6 +216,8 @@ def compare_speed(models: dict[str, Teacher], batch: int, repeats: int = 6) -> d
                 except InputError:
                     continue
                 able[name] = model
+            if not able:
+                continue
             once = {name: _timed(fn, model)[1] for name, model in able.items()}
             loops = {name: max(1, round(max(once.values()) / t)) for name, t in once.items()}
             best = {name: math.inf for name in able}

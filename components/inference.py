@@ -100,6 +100,8 @@ def bf16_weights(module: torch.nn.Module) -> torch.nn.Module:
     hit = _BF16_COPIES.get(module)
     if hit is None or hit[0] != key:
         fast = copy.deepcopy(module).requires_grad_(False)
+        for param in fast.parameters():
+            param.grad = None
         for layer in fast.modules():
             if isinstance(layer, (torch.nn.Linear, torch.nn.Conv2d)):
                 layer.to(torch.bfloat16)

@@ -22,7 +22,7 @@ from typing import Any, Callable
 
 from components.checkpoints import read_json
 
-SPEED_REPEATS = 6  # distill6 and speed: each timing is the best of this many calls, teacher and student alternating
+SPEED_REPEATS = 6  # distill6 and speed: each timing is the best of this many samples, teacher and student alternating
 
 
 class PeakRss:
@@ -193,7 +193,7 @@ def _gedit_row(results: dict[str, Any]) -> dict[str, Any]:
 def distill6_section(profile: str) -> dict[str, Any]:
     """The 6-NFE path (issue 4): Table 2 and Table 3 from the evaluation stages' results, the NFE
     counted, and the wall-clock speedup of the 6-NFE model against the teacher, both timed here,
-    in this process, call by call in alternation (batch 1 and 16)."""
+    in this process, in alternation (batch 1 and 16; `compare_speed`)."""
     import shutil
 
     from components.base_eval import compare_speed, speedups
@@ -308,7 +308,8 @@ def speed_section(profile: str) -> dict[str, Any]:
     return {"speedup": speedups(timing["teacher"], timing["student"], batch), "sample_s": timing,
             "nfe": {"teacher_t2i": timing["teacher"].get("nfe_t2i"), "teacher_edit": timing["teacher"].get("nfe_edit"),
                     "t2i": timing["student"].get("nfe_t2i"), "edit": timing["student"].get("nfe_edit")},
-            "conditions": {"weights": "random", "batch": batch, "repeats": SPEED_REPEATS, "timing": "alternating calls",
+            "conditions": {"weights": "random", "batch": batch, "repeats": SPEED_REPEATS,
+                           "timing": "alternating samples of about one teacher call each",
                            "bf16_requested": bp.bf16, "generator": {"space": bp.gen_space, "width": bp.gen_width,
                                                                     "depth": bp.gen_depth, "patch": bp.gen_patch}}}
 

@@ -63,6 +63,22 @@ def test_speed_section_times_teacher_and_student(tiny_profile):
         speed_section("smoke")
 
 
+def test_speed_comparison_times_only_the_tasks_a_model_can_do(monkeypatch):
+    """An instruction the models cannot read (a word outside their vocabulary) leaves the editing
+    cells out, for every model, instead of failing the comparison."""
+    import components.base_eval as be
+
+    torch.set_num_threads(1)
+    pair = untrained_pair(base.Params(**TINY), sample_steps=2, shift=3.0)
+    prompt, src, _ = be.speed_inputs()
+    monkeypatch.setattr(be, "speed_inputs", lambda: (prompt, src, "make it sparkle"))
+    timing = be.compare_speed(pair, batch=2, repeats=1)
+    for name in ("teacher", "student"):
+        assert set(timing[name]) == {"t2i_b2_s", "t2i_b1_s", "nfe_t2i"}
+        assert all(v > 0 for v in timing[name].values())
+    assert timing["teacher"]["nfe_t2i"] == 100.0 and timing["student"]["nfe_t2i"] == 2.0
+
+
 def test_each_section_records_the_run_that_measured_it(monkeypatch, tmp_path):
     import flows.bench as bench
 
