@@ -163,26 +163,42 @@ def speed_inputs() -> tuple[str, np.ndarray, str]:
     return SPEED_PROMPT, render(first["source"]), gedit.instruction(first["edit"], "en", first["variant"])
 
 
-def sampling_speed(model: Teacher, batch: int, num_steps: int | None = None, seed: int = 0,
-                   repeats: int = 1) -> dict[str, float]:
-    """Seconds per image (best of ``repeats``, after one untimed warm-up call per shape) at batch 1
-    and at ``batch`` for T2I and editing, on :func:`speed_inputs`, and the NFE counted per image."""
+SPEED_CELLS = [(task, big) for task in ("t2i", "edit") for big in (True, False)]  # batch ``batch``, then 1
+
+
+def speed_call(task: str, b: int, num_steps: int | None = None, seed: int = 0):
+    """``model -> images``: the call every speed measurement times, T2I or an edit of
+    :func:`speed_inputs` at batch ``b``."""
     prompt, src, instr = speed_inputs()
+    if task == "t2i":
+        return lambda m: m.generate([prompt] * b, seed=seed, num_steps=num_steps)
+    return lambda m: m.edit(np.repeat(src[None], b, axis=0), [instr] * b, seed=seed, num_steps=num_steps)
 
-    def best(fn, *args) -> float:
-        fn(*args, seed=seed, num_steps=num_steps)
-        return min(_timed(fn, *args, seed=seed, num_steps=num_steps)[1] for _ in range(repeats))
 
-    out: dict[str, float] = {}
-    for b in (batch, 1):
-        out[f"t2i_b{b}_s"] = best(model.generate, [prompt] * b) / b
-    out["nfe_t2i"] = float(model.last_nfe)
-    for b in (batch, 1):
+def _warm(fn, models: dict[str, Teacher]) -> dict[str, Teacher]:
+    """The models that can run ``fn`` (one untimed call each; a model that does not know the
+    instruction's words cannot edit)."""
+    able = {}
+    for name, model in models.items():
         try:
-            out[f"edit_b{b}_s"] = best(model.edit, np.repeat(src[None], b, axis=0), [instr] * b) / b
+            fn(model)
         except InputError:
             continue
-        out["nfe_edit"] = float(model.last_nfe)
+        able[name] = model
+    return able
+
+
+def sampling_speed(model: Teacher, batch: int, num_steps: int | None = None, seed: int = 0,
+                   repeats: int = 1) -> dict[str, float]:
+    """Seconds per image (best of ``repeats``, after one untimed warm-up call per shape) at ``batch``
+    and at batch 1 for T2I and editing, on :func:`speed_inputs`, and the NFE counted per image."""
+    out: dict[str, float] = {}
+    for task, big in SPEED_CELLS:
+        b = batch if big else 1
+        fn = speed_call(task, b, num_steps, seed)
+        if _warm(fn, {"model": model}):
+            out[f"{task}_b{b}_s"] = min(_timed(fn, model)[1] for _ in range(repeats)) / b
+            out[f"nfe_{task}"] = float(model.last_nfe)
     return out
 
 
@@ -191,45 +207,32 @@ def compare_speed(models: dict[str, Teacher], batch: int, repeats: int = 6) -> d
     :func:`speed_inputs`) and the NFE counted per image, for a speedup between them.
 
     Per cell, after an untimed warm-up call of each model and one more call that sizes its samples,
-    the models are timed in alternation
-    (teacher, student, teacher, ...), ``repeats`` samples each, and a cell's time is a model's best
-    sample. A sample spans about the same wall time for every model, as timeit's loops do: the
-    faster model's sample is the mean of as many consecutive calls as fit in one call of the
-    slowest (a 6-NFE call lasts ~1/20 of the teacher's). So a change in the machine's speed (another
-    tenant, a clock change) falls on both alike, and the best of a few short calls, which can catch a
-    quiet instant the long call cannot, does not stand against the best of a few long ones. A model
-    that cannot edit has no editing cells."""
-    prompt, src, instr = speed_inputs()
-
-    def call(task: str, b: int):
-        if task == "t2i":
-            return lambda m: m.generate([prompt] * b, seed=0)
-        return lambda m: m.edit(np.repeat(src[None], b, axis=0), [instr] * b, seed=0)
-
+    the models are timed in alternation (teacher, student, teacher, ...), ``repeats`` samples each,
+    and a cell's time is a model's best sample. A sample spans about the same wall time for every
+    model, as timeit's loops do: the faster model's sample is the mean of as many consecutive calls
+    as fit in one call of the slowest (a 6-NFE call lasts ~1/20 of the teacher's). So a change in
+    the machine's speed (another tenant, a clock change) falls on both alike, and the best of a few
+    short calls, which can catch a quiet instant the long call cannot, does not stand against the
+    best of a few long ones. A model that cannot edit has no editing cells."""
     timing: dict[str, dict[str, float]] = {name: {} for name in models}
-    for task in ("t2i", "edit"):
-        for b in (batch, 1):
-            fn, able = call(task, b), {}
-            for name, model in models.items():
-                try:
-                    fn(model)
-                except InputError:
-                    continue
-                able[name] = model
-            if not able:
-                continue
-            once = {name: _timed(fn, model)[1] for name, model in able.items()}
-            loops = {name: max(1, round(max(once.values()) / t)) for name, t in once.items()}
-            best = {name: math.inf for name in able}
-            for _ in range(repeats):
-                for name, model in able.items():
-                    t0 = time.perf_counter()
-                    for _call in range(loops[name]):
-                        fn(model)
-                    best[name] = min(best[name], (time.perf_counter() - t0) / loops[name])
+    for task, big in SPEED_CELLS:
+        b = batch if big else 1
+        fn = speed_call(task, b)
+        able = _warm(fn, models)
+        if not able:
+            continue
+        once = {name: _timed(fn, model)[1] for name, model in able.items()}
+        loops = {name: max(1, round(max(once.values()) / t)) for name, t in once.items()}
+        best = {name: math.inf for name in able}
+        for _ in range(repeats):
             for name, model in able.items():
-                timing[name][f"{task}_b{b}_s"] = best[name] / b
-                timing[name][f"nfe_{task}"] = float(model.last_nfe)
+                t0 = time.perf_counter()
+                for _call in range(loops[name]):
+                    fn(model)
+                best[name] = min(best[name], (time.perf_counter() - t0) / loops[name])
+        for name, model in able.items():
+            timing[name][f"{task}_b{b}_s"] = best[name] / b
+            timing[name][f"nfe_{task}"] = float(model.last_nfe)
     return timing
 
 
