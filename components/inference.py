@@ -196,7 +196,6 @@ class Teacher:
         g = self.generator.cfg
         shape = (cond.text.shape[0], g.in_channels, g.sample_size, g.sample_size)
         noise = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
-        conds = sampling.Conditions(cond, cond.without_text(), cond.without_image())
         # under bfloat16 the generator and the decoder run from stored bfloat16 weights (bf16_weights:
         # the same numbers, without casting every weight again in each call); the decoder's image is
         # within 2 uint8 levels of a float32 decoder's
@@ -205,6 +204,11 @@ class Teacher:
         space = bf16_weights(self.autoencoder) if fast else self.autoencoder
         counter = sampling.NFECounter(velocity_fn(generator, self.bf16))
         with torch.no_grad(), autocast(self.bf16):
+            # each condition's text is encoded once per call, not in every pass (BAGEL prefills it once);
+            # a CFG-distilled model runs the full condition only
+            full = generator.with_context(cond)
+            no_text = cond.without_text() if self.embedded_cfg else generator.with_context(cond.without_text())
+            conds = sampling.Conditions(full, no_text, full.without_image())
             z = sampling.sample(counter, noise, conds, num_steps=num_steps or self.default_steps, cfg=cfg,
                                 shift=float(self.sampler.get("shift", sampling.SHIFT)), token_patch=g.patch_size,
                                 embedded=self.embedded_cfg)

@@ -84,9 +84,12 @@ class GenCondition:
     has_source: torch.Tensor | None = None   # (B,) 1 where the source is present (default: all)
     extra: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> (B,) or () scalars
     pad_id: int = 0
+    # (B, L, width): the text encoder's output for ``text``, computed once per sampling call
+    # (:meth:`Generator.with_context`) as BAGEL prefills its context once; None: every pass encodes it
+    context: torch.Tensor | None = None
 
     def without_text(self) -> "GenCondition":
-        return replace(self, text=torch.full_like(self.text, self.pad_id))
+        return replace(self, text=torch.full_like(self.text, self.pad_id), context=None)
 
     def without_image(self) -> "GenCondition":
         return replace(self, source=None, has_source=None)
@@ -194,6 +197,11 @@ class Generator(nn.Module):
             self.extra_embed[name] = scalar_embedder(self.cfg.width, zero_init=True).to(self.proj_out.weight)
         self.cfg = self.cfg.model_copy(update={"extra_embeddings": list(self.extra_embed.keys())})
 
+    def with_context(self, cond: GenCondition) -> GenCondition:
+        """``cond`` carrying its text encoding, which does not depend on ``x`` or ``t``: a sampler
+        computes it once per condition instead of in every pass (the passes compute the same numbers)."""
+        return replace(cond, context=self.text(cond.text))
+
     def _embed(self, emb: nn.Module, v: torch.Tensor | float, batch: int, like: torch.Tensor) -> torch.Tensor:
         v = torch.as_tensor(v, dtype=like.dtype, device=like.device).reshape(-1).expand(batch)
         return emb(self.freqs(v * TIME_SCALE).to(like.dtype))
@@ -219,7 +227,12 @@ class Generator(nn.Module):
         p = self.cfg.patch_size
         if cond.text.shape[1] > self.cfg.max_text_len:
             raise ValueError(f"text of {cond.text.shape[1]} tokens; the model takes at most {self.cfg.max_text_len}")
-        ctx = self.text(cond.text)
+        if cond.context is None:
+            ctx = self.text(cond.text)
+        elif cond.context.shape != (*cond.text.shape, self.cfg.width):
+            raise ValueError(f"a context of shape {tuple(cond.context.shape)} for text of shape {tuple(cond.text.shape)}")
+        else:
+            ctx = cond.context
         temb = self._embed(self.time_embed, t, b, x) + self.pool_proj(ctx.mean(1))
         for name in self.extra_embed:
             if name not in cond.extra:

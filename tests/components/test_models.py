@@ -142,6 +142,29 @@ def test_constant_scale_embeddings_are_reused_until_the_weights_change():
         assert torch.allclose(g(x, t, as_numbers), g(x, t, as_tensors), rtol=1e-5, atol=1e-5)
 
 
+def test_a_sampler_encodes_each_conditions_text_once():
+    """``with_context`` carries the text encoding (independent of x and t) so that the passes of a
+    sampling call do not recompute it: the same velocity, the encoder not run again, dropped when
+    the text changes (the text-free condition), refused when its shape does not fit the text."""
+    from dataclasses import replace
+
+    g = tiny_generator().eval()
+    x, t, cond = inputs()
+    calls = []
+    with torch.no_grad():
+        c = g.with_context(cond)
+        assert c.context.shape == (3, 6, 32)
+        hook = g.text.register_forward_hook(lambda *a: calls.append(1))
+        assert torch.equal(g(x, t, c), g(x, t, cond))
+        assert calls == [1]  # only the pass without a context encoded its text
+        assert torch.equal(g(x, t, c.without_image()), g(x, t, cond.without_image()))
+        assert c.without_text().context is None
+        assert torch.equal(g(x, t, c.without_text()), g(x, t, cond.without_text()))
+        hook.remove()
+        with pytest.raises(ValueError, match="context of shape"):
+            g(x, t, replace(c, context=c.context[:, :3]))
+
+
 def test_generator_samples_with_bagel_cfg_through_the_generic_sampler():
     g = tiny_generator().eval()
     x, _, cond = inputs(2)
