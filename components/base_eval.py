@@ -21,6 +21,7 @@ batch 1 and at ``batch``. Results: ``geneval/`` (GenEval's folder layout and res
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import time
@@ -156,11 +157,14 @@ def _gedit(teacher: Teacher, p: Params, out_dir: Path, log) -> tuple[dict, dict[
     return summary, {"gedit_source_result": _grid(shown)} if shown else {}
 
 
+@functools.cache
 def speed_inputs() -> tuple[str, np.ndarray, str]:
     """What every speed measurement samples: a fixed prompt, and the first GEdit-shapes edit's source
-    image and English instruction."""
+    image and English instruction. Built once per process; the image is read-only (shared)."""
     first = gedit.make_samples(seed=0, scale=0.01)[0]
-    return SPEED_PROMPT, render(first["source"]), gedit.instruction(first["edit"], "en", first["variant"])
+    src = render(first["source"])
+    src.flags.writeable = False
+    return SPEED_PROMPT, src, gedit.instruction(first["edit"], "en", first["variant"])
 
 
 SPEED_CELLS = [(task, big) for task in ("t2i", "edit") for big in (True, False)]  # batch ``batch``, then 1

@@ -75,9 +75,14 @@ def bf16_native() -> bool:
         return False
 
 
+def uses_bf16(enabled: bool) -> bool:
+    """Whether ``enabled`` bfloat16 is honoured here: asked for, and the CPU computes it natively."""
+    return enabled and bf16_native()
+
+
 def autocast(enabled: bool):
     """bfloat16 autocast on CPU when asked and the CPU has native bfloat16; float32 otherwise."""
-    if enabled and bf16_native():
+    if uses_bf16(enabled):
         return torch.autocast("cpu", dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
@@ -199,7 +204,7 @@ class Teacher:
         # under bfloat16 the generator and the decoder run from stored bfloat16 weights (bf16_weights:
         # the same numbers, without casting every weight again in each call); the decoder's image is
         # within 2 uint8 levels of a float32 decoder's
-        fast = self.bf16 and bf16_native()
+        fast = uses_bf16(self.bf16)
         generator = bf16_weights(self.generator) if fast else self.generator
         space = bf16_weights(self.autoencoder) if fast else self.autoencoder
         counter = sampling.NFECounter(velocity_fn(generator, self.bf16))
