@@ -2,7 +2,8 @@
 
 ``source: train`` trains, in one stage:
 
-1. steps ``[0, ae_steps)``: the autoencoder (the latent space, BAGEL's VAE role); with
+1. steps ``[0, ae_steps)``: the autoencoder (the latent space, BAGEL's VAE role), ``ae_updates``
+   updates per step; with
    ``gen_space: pixel`` there is none (the generation expert draws the image itself, at
    ``64 / gen_pixel_factor`` pixels per side, and every step trains it);
 2. steps ``[ae_steps, steps)``: the generation expert by flow matching in that latent space
@@ -63,6 +64,8 @@ class Params(TrainParams):
     data_limit: int | None = Field(None, ge=1, description="read at most this many rows per data set")
 
     ae_steps: int = Field(300, ge=0, description="autoencoder steps, before the generation expert (latent space only)")
+    ae_updates: int = Field(1, ge=1, description="autoencoder updates per autoencoder step (each on a fresh batch): "
+                                                 "an update costs a fraction of a step's understanding work")
     ae_batch_size: int = Field(32, ge=1)
     ae_lr: float = Field(2e-3, gt=0)
     ae_channels: tuple[int, int] = (32, 64)
@@ -279,16 +282,18 @@ def _known(teacher: Teacher, prompt: str) -> bool:
 
 
 def _ae_step(state: TrainState, step: int, g: torch.Generator) -> dict[str, float]:
+    """``ae_updates`` autoencoder updates (warm-up counted in updates); the last one's losses."""
     p: Params = state.extra["params"]
     t2i = state.data["world"].t2i
-    idx = torch.randint(0, len(t2i), (p.ae_batch_size,), generator=g)
     ae, opt = state.modules["autoencoder"], state.optimizers["ae"]
-    set_lr(opt, warmup_lr(p.ae_lr, step, p.warmup))
-    with autocast(p.bf16):
-        loss, logs = ae(images_to_unit(t2i.images[idx]))
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    opt.step()
+    for update in range(step * p.ae_updates, (step + 1) * p.ae_updates):
+        idx = torch.randint(0, len(t2i), (p.ae_batch_size,), generator=g)
+        set_lr(opt, warmup_lr(p.ae_lr, update, p.warmup))
+        with autocast(p.bf16):
+            loss, logs = ae(images_to_unit(t2i.images[idx]))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
     return logs
 
 

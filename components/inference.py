@@ -197,11 +197,14 @@ class Teacher:
 
     # ------------------------------------------------------------ generation
 
-    def _sample(self, cond: GenCondition, seed: int, num_steps: int | None, cfg: sampling.CFG) -> np.ndarray:
+    def _sample(self, ids: torch.Tensor, seed: int, num_steps: int | None, cfg: sampling.CFG,
+                source: torch.Tensor | None = None) -> np.ndarray:
+        """Images for the text ``ids`` and, for an edit, the ``source`` images ((B, 3, 64, 64) in
+        [-1, 1]), encoded here under the precision the training data's latents had (``GenData.build``)."""
         g = self.generator.cfg
-        shape = (cond.text.shape[0], g.in_channels, g.sample_size, g.sample_size)
+        shape = (ids.shape[0], g.in_channels, g.sample_size, g.sample_size)
         noise = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
-        # under bfloat16 the generator and the decoder run from stored bfloat16 weights (bf16_weights:
+        # under bfloat16 the generator and the autoencoder run from stored bfloat16 weights (bf16_weights:
         # the same numbers, without casting every weight again in each call); the decoder's image is
         # within 2 uint8 levels of a float32 decoder's
         fast = uses_bf16(self.bf16)
@@ -209,6 +212,8 @@ class Teacher:
         space = bf16_weights(self.autoencoder) if fast else self.autoencoder
         counter = sampling.NFECounter(velocity_fn(generator, self.bf16))
         with torch.no_grad(), autocast(self.bf16):
+            z_src = None if source is None else space.encode(source).float()
+            cond = GenCondition(ids, z_src, pad_id=self.tokenizer.pad_id)
             # each condition's text is encoded once per call, not in every pass (BAGEL prefills it once);
             # a CFG-distilled model runs the full condition only
             full = generator.with_context(cond)
@@ -224,7 +229,7 @@ class Teacher:
     def generate(self, prompts: list[str], seed: int = 0, num_steps: int | None = None,
                  cfg: sampling.CFG = sampling.T2I_CFG) -> np.ndarray:
         """(B, 64, 64, 3) uint8 images for ``prompts`` (``num_steps``: the model's default, 50 or 6)."""
-        return self._sample(GenCondition(self.text_ids(prompts), pad_id=self.tokenizer.pad_id), seed, num_steps, cfg)
+        return self._sample(self.text_ids(prompts), seed, num_steps, cfg)
 
     def edit(self, images: np.ndarray, instructions: list[str], seed: int = 0, num_steps: int | None = None,
              cfg: sampling.CFG = sampling.EDIT_CFG) -> np.ndarray:
@@ -232,10 +237,7 @@ class Teacher:
         src = to_tensor(images, self.autoencoder.cfg.image_size)
         if src.shape[0] != len(instructions):
             raise InputError(f"{src.shape[0]} images but {len(instructions)} instructions")
-        ids = self.text_ids(instructions)
-        with torch.no_grad():
-            z_src = self.autoencoder.encode(src)
-        return self._sample(GenCondition(ids, z_src, pad_id=self.tokenizer.pad_id), seed, num_steps, cfg)
+        return self._sample(self.text_ids(instructions), seed, num_steps, cfg, source=src)
 
     # ------------------------------------------------------------ understanding
 

@@ -184,3 +184,39 @@ def test_object_cells_put_each_shape_in_the_cell_of_its_centre():
     assert cells["cls"][0 * 8 + 7] == 1 and cells["colour"][0 * 8 + 7] == 2   # circle, white: top-right cell
     assert sum(c > 0 for c in cells["cls"]) == 2  # the digit glyph is not an object class
     assert object_cells(None, 8, 64, ("circle",), ("red",)) == {"cls": [-100] * 64, "colour": [-100] * 64}
+
+
+def test_an_edit_conditions_on_the_source_latents_the_training_data_had(monkeypatch):
+    """``Teacher.edit`` encodes its source under the precision ``GenData`` encoded the training
+    sources with (bfloat16 where it is honoured), so the generator sees the latents it was trained on."""
+    from components import sampling
+    from components.gen_data import images_to_unit
+    from components.inference import autocast
+    from components.models.tokens import Tokenizer
+
+    torch.manual_seed(0)
+    teacher = base.build_teacher(base.Params(**TINY), Tokenizer.from_texts(["make the circle blue"]))
+    teacher.autoencoder.eval()
+    with torch.no_grad():  # a calibrated autoencoder: normalisation in play
+        teacher.autoencoder.calibrate(torch.rand(8, 3, 64, 64) * 2 - 1)
+    u8 = torch.from_numpy(np.stack([render(random_scene(np.random.default_rng(i), 2)) for i in range(2)]))
+    seen, real = [], sampling.sample
+
+    def spy(velocity, noise, conds, **kw):
+        seen.append(conds)
+        return real(velocity, noise, conds, **kw)
+
+    monkeypatch.setattr(sampling, "sample", spy)
+    teacher.edit(u8.numpy(), ["make the circle blue"] * 2, num_steps=1)
+    with torch.no_grad(), autocast(teacher.bf16):  # what GenData.build computes for a training source
+        trained_on = teacher.autoencoder.encode(images_to_unit(u8.permute(0, 3, 1, 2))).float()
+    assert torch.equal(seen[0].full.source, trained_on)
+    assert seen[0].no_image.source is None
+
+
+def test_each_autoencoder_step_makes_ae_updates_updates(world, tmp_path):
+    torch.set_num_threads(1)
+    state = run_training(base, ctx(world, steps=3, ae_steps=2, ae_updates=3), LocalReporter(tmp_path / "a"))
+    opt = state.optimizers["ae"]
+    assert {int(s["step"]) for s in opt.state.values()} == {2 * 3}  # then frozen for the generation phase
+    assert "ae_l1" in state.extra["history"][1] and "gen_loss" in state.extra["history"][2]
