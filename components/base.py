@@ -68,7 +68,9 @@ class Params(TrainParams):
                                                  "an update costs a fraction of a step's understanding work")
     ae_batch_size: int = Field(32, ge=1)
     ae_lr: float = Field(2e-3, gt=0)
-    ae_channels: tuple[int, int] = (32, 64)
+    ae_channels: tuple[int, ...] = Field((32, 64), min_length=1, max_length=4,
+                                         description="autoencoder channels per 2x level: 2 levels give 16x16 "
+                                                     "latents, 3 give 8x8")
     latent_channels: int = Field(4, ge=1)
 
     gen_space: Literal["latent", "pixel"] = Field(

@@ -1,8 +1,10 @@
 """The generation expert's sample space (BAGEL's VAE role): a latent autoencoder, or pixels.
 
 ``kind: conv`` is a small convolutional autoencoder: 64x64 RGB in [-1, 1] <-> a
-``latent_channels x 16 x 16`` latent (4x down per side). Strided convolutions go down and
-sub-pixel convolutions (pixel shuffle) go up, so no convolution runs at full resolution. The
+``latent_channels x s x s`` latent, one 2x down-scaling per entry of ``channels``: two levels
+(``s = 16``, 4x down per side) or three (``s = 8``, 8x down, the f8 latents of Stable Diffusion
+and BAGEL's VAE, with more channels). Strided convolutions go down and sub-pixel convolutions
+(pixel shuffle) go up, so no convolution runs at full resolution. The
 decoder is trained on slightly noised latents, so it maps the small errors a sampler leaves back
 to clean, flat-coloured shapes. ``calibrate`` stores the latents' mean and standard deviation
 (buffers, saved with the weights) so the flow model works on unit-variance latents, as
@@ -32,19 +34,25 @@ class AutoencoderConfig(BaseModel):
     kind: Literal["conv", "pixel"] = Field("conv", description="conv: the latent autoencoder; pixel: the image")
     image_size: int = Field(64, ge=8)
     latent_channels: int = Field(4, ge=1)
-    channels: tuple[int, int] = (32, 64)   # at 1/2 and 1/4 resolution
+    channels: tuple[int, ...] = Field((32, 64), min_length=1, max_length=4,
+                                      description="conv: channels at 1/2, 1/4, ... resolution (one entry per level)")
     latent_noise: float = Field(0.1, ge=0, description="decoder training noise, relative to the latent std")
     pixel_factor: int = Field(1, ge=1, le=4, description="pixel space: the generator draws at image_size / this")
 
     @model_validator(mode="after")
     def _check(self) -> "AutoencoderConfig":
-        if self.image_size % (self.pixel_factor if self.kind == "pixel" else 4):
+        if self.image_size % self.down:
             raise ValueError(f"image_size {self.image_size} is not a multiple of the space's down-scaling")
         return self
 
     @property
+    def down(self) -> int:
+        """Down-scaling per side of the sample space."""
+        return self.pixel_factor if self.kind == "pixel" else 2 ** len(self.channels)
+
+    @property
     def latent_size(self) -> int:
-        return self.image_size // self.pixel_factor if self.kind == "pixel" else self.image_size // 4
+        return self.image_size // self.down
 
     @property
     def sample_channels(self) -> int:
@@ -88,16 +96,16 @@ class Autoencoder(_Space):
 
     def __init__(self, cfg: AutoencoderConfig):
         super().__init__(cfg)
-        c1, c2 = cfg.channels
-        z = cfg.latent_channels
-        self.encoder = nn.Sequential(
-            nn.Conv2d(3, c1, 4, stride=2, padding=1), ResBlock(c1),
-            nn.Conv2d(c1, c2, 4, stride=2, padding=1), ResBlock(c2), ResBlock(c2),
-            nn.SiLU(), nn.Conv2d(c2, z, 1))
-        self.decoder = nn.Sequential(
-            nn.Conv2d(z, c2, 3, padding=1), ResBlock(c2), ResBlock(c2),
-            nn.SiLU(), nn.Conv2d(c2, 4 * c1, 3, padding=1), nn.PixelShuffle(2), ResBlock(c1), ResBlock(c1),
-            nn.SiLU(), nn.Conv2d(c1, 4 * 3, 3, padding=1), nn.PixelShuffle(2))
+        ch, z = list(cfg.channels), cfg.latent_channels
+        down: list[nn.Module] = []
+        for i, c in enumerate(ch):  # each level halves the side; the deepest has a second block
+            down += [nn.Conv2d(ch[i - 1] if i else 3, c, 4, stride=2, padding=1), ResBlock(c)]
+        self.encoder = nn.Sequential(*down, ResBlock(ch[-1]), nn.SiLU(), nn.Conv2d(ch[-1], z, 1))
+        up: list[nn.Module] = [nn.Conv2d(z, ch[-1], 3, padding=1), ResBlock(ch[-1]), ResBlock(ch[-1])]
+        for c_in, c_out in zip(ch[::-1], ch[-2::-1]):
+            up += [nn.SiLU(), nn.Conv2d(c_in, 4 * c_out, 3, padding=1), nn.PixelShuffle(2), ResBlock(c_out),
+                   ResBlock(c_out)]
+        self.decoder = nn.Sequential(*up, nn.SiLU(), nn.Conv2d(ch[0], 4 * 3, 3, padding=1), nn.PixelShuffle(2))
         self.register_buffer("latent_mean", torch.zeros(1, z, 1, 1))
         self.register_buffer("latent_std", torch.ones(1, z, 1, 1))
 

@@ -201,6 +201,24 @@ def test_autoencoder_round_trip_shapes_and_calibration():
         ae.encode(torch.zeros(1, 3, 32, 32))
 
 
+def test_each_autoencoder_level_halves_the_latent_side():
+    """Two levels give BAGEL-like 16x16 latents (4x down), three the f8 latents (8x8); the two-level
+    layout keeps its parameter names, so checkpoints written before levels were configurable load."""
+    imgs = torch.rand(2, 3, 64, 64) * 2 - 1
+    for channels, side in (((8, 16), 16), ((8, 16, 32), 8)):
+        cfg = AutoencoderConfig(channels=channels, latent_channels=6)
+        ae = make_autoencoder(cfg)
+        assert cfg.down == 64 // side and cfg.latent_size == side
+        z = ae.encode(imgs)
+        assert z.shape == (2, 6, side, side) and ae.decode(z).shape == imgs.shape
+    names = set(make_autoencoder(AutoencoderConfig(channels=(8, 16))).state_dict())
+    assert {"encoder.2.weight", "encoder.4.conv2.weight", "encoder.6.weight", "decoder.4.weight",
+            "decoder.7.conv1.weight", "decoder.9.weight"} <= names
+    with pytest.raises(ValueError, match="multiple"):
+        AutoencoderConfig(image_size=68, channels=(8, 16, 32))  # 68 is a multiple of 4, not of 8
+    AutoencoderConfig(image_size=68, channels=(8, 16))
+
+
 def test_pixel_space_is_the_identity_without_weights():
     ae = make_autoencoder(AutoencoderConfig(kind="pixel"))
     imgs = torch.rand(2, 3, 64, 64) * 2 - 1
