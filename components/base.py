@@ -21,8 +21,6 @@ resumed run continues exactly as an uninterrupted one.
 
 from __future__ import annotations
 
-import copy
-
 import math
 import time
 from pathlib import Path
@@ -92,12 +90,8 @@ class Params(TrainParams):
     text_dropout: float = Field(0.1, ge=0, le=1, description="P(text dropped): the text-free CFG pass")
     image_dropout: float = Field(0.1, ge=0, le=1, description="P(source dropped): the image-free CFG pass")
     ema_decay: float = Field(0.999, ge=0, lt=1)
-    gen_object_loss: float = Field(0.0, ge=0, description="weight of the generator's object heads' loss (class and "
-                                                          "colour of the object centred in each image token's cell, "
-                                                          "from the scenes; REPA-style); 0: no heads")
-    gen_object_layer: int = Field(2, ge=1, description="the object heads read the image tokens after this many blocks")
-    train_shift: float = Field(sampling.SHIFT, gt=0, description="shift of the logit-normal training t (BAGEL: 3, "
-                                                                 "for its ~1024-pixel images; < 1 trains more at low noise)")
+    train_shift: float = Field(sampling.SHIFT, gt=0, description="shift of the logit-normal training t (BAGEL: 3; "
+                                                                 "< 1 trains more at low noise, see reports/NOTES.md)")
 
     und_hidden: int = Field(128, ge=16)
     und_layers: int = Field(16, ge=1)
@@ -157,9 +151,7 @@ def build_teacher(p: Params, tok: Tokenizer) -> Teacher:
         vocab_size=len(tok), pad_id=tok.pad_id, max_text_len=p.max_text_len, in_channels=ae.cfg.sample_channels,
         sample_size=ae.cfg.latent_size, patch_size=p.gen_patch, width=p.gen_width, depth=p.gen_depth,
         heads=p.gen_heads, text_layers=p.gen_text_layers, prediction=p.gen_prediction,
-        head_channels=p.gen_head_channels, object_layer=min(p.gen_object_layer, p.gen_depth),
-        object_classes=len(CLASSES) if p.gen_object_loss > 0 else 0,
-        object_colours=len(COLOUR_NAMES) if p.gen_object_loss > 0 else 0))
+        head_channels=p.gen_head_channels))
     heads = p.und_object_loss > 0  # the object heads exist only when their loss is trained
     und = Understanding(UnderstandingConfig(
         vocab_size=len(tok), pad_id=tok.pad_id, sep_id=tok.sep_id, eos_id=tok.eos_id, hidden=p.und_hidden,
@@ -186,7 +178,8 @@ def setup(ctx: StageContext) -> TrainState:
     world = load_world(ctx.data_dir, limit=p.data_limit)
     tok = _tokenizer(world)
     teacher = build_teacher(p, tok)
-    ema = copy.deepcopy(teacher.generator).without_object_heads()  # the heads train the model, not the EMA
+    ema = Generator(teacher.generator.cfg)
+    ema.load_state_dict(teacher.generator.state_dict())
     ema.requires_grad_(False)
     trainable = teacher.autoencoder.trainable  # the pixel space has no weights
     modules = {"autoencoder": ctx.wrap_module(teacher.autoencoder) if trainable else teacher.autoencoder,
@@ -321,55 +314,40 @@ def _gen_data(state: TrainState) -> GenData:
         ae.calibrate(images_to_unit(world.t2i.images[:CALIBRATION_IMAGES]))
     ae.eval().requires_grad_(False)
     teacher: Teacher = state.extra["teacher"]
-    gen = teacher.generator.cfg
-    objects = (dict(grid=gen.sample_size // gen.patch_size, size=world.t2i.images.shape[-1], classes=CLASSES,
-                    colours=COLOUR_NAMES) if p.gen_object_loss > 0 else None)
-    data = state.data["gen"] = GenData.build(world, ae, teacher.text_ids, teacher.tokenizer.pad_id, p.bf16, objects)
+    data = state.data["gen"] = GenData.build(world, ae, teacher.text_ids, teacher.tokenizer.pad_id, p.bf16)
     return data
 
 
-def _gen_batch(state: TrainState, g: torch.Generator
-               ) -> tuple[torch.Tensor, GenCondition, dict[str, torch.Tensor] | None]:
-    """A batch of T2I pairs and edit triplets with text and source dropout, and the object heads'
-    targets (None without heads)."""
+def _gen_batch(state: TrainState, g: torch.Generator) -> tuple[torch.Tensor, GenCondition]:
+    """A batch of T2I pairs and edit triplets with text and source dropout."""
     p: Params = state.extra["params"]
     data = _gen_data(state)
     n_edit = round(p.batch_size * p.edit_fraction) if data.has_edits else 0
-    x0, cond, objects = data.labelled_batch(p.batch_size - n_edit, n_edit, g)
+    x0, cond = data.batch(p.batch_size - n_edit, n_edit, g)
     if n_edit:
         keep = (torch.rand(n_edit, generator=g) >= p.image_dropout).float()
         cond.has_source = torch.cat([cond.has_source[:-n_edit], keep])
     drop = torch.rand(p.batch_size, generator=g) < p.text_dropout
     cond.text = torch.where(drop[:, None], torch.full_like(cond.text, data.pad_id), cond.text)
-    return x0, cond, objects
+    return x0, cond
 
 
 def _gen_step(state: TrainState, step: int, g: torch.Generator) -> dict[str, float]:
-    """BAGEL's flow-matching loss: ``|v(x_t, t, c) - (eps - x0)|^2`` at ``x_t = (1 - t) x0 + t eps``,
-    plus ``gen_object_loss`` times the object heads' cross-entropy on the tokens of ``x_t``."""
+    """BAGEL's flow-matching loss: ``|v(x_t, t, c) - (eps - x0)|^2`` at ``x_t = (1 - t) x0 + t eps``."""
     p: Params = state.extra["params"]
-    x0, cond, objects = _gen_batch(state, g)
+    x0, cond = _gen_batch(state, g)
     noise = torch.randn(x0.shape, generator=g)
     t = sampling.sample_train_t(x0.shape[0], shift=p.train_shift, generator=g)
     model, opt = state.modules["generator"], state.optimizers["gen"]
     set_lr(opt, warmup_lr(p.lr, step, p.warmup))
-    logs = {}
     with autocast(p.bf16):
-        x_t = sampling.interpolate(x0, noise, t)
-        if objects is None:
-            v = model(x_t, t, cond)
-        else:
-            v, obj = model(x_t, t, cond, objects=objects)
-            logs["gen_object_loss"] = obj.item()
+        v = model(sampling.interpolate(x0, noise, t), t, cond)
     loss = F.mse_loss(v.float(), sampling.velocity_target(x0, noise))
-    logs["gen_loss"] = loss.item()
-    if objects is not None:
-        loss = loss + p.gen_object_loss * obj
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
     ema_update(state.modules["generator_ema"], _raw(model), min(p.ema_decay, (1 + step) / (10 + step)))
-    return logs
+    return {"gen_loss": loss.item()}
 
 
 def _und_batch(state: TrainState, g: torch.Generator

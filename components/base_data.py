@@ -28,8 +28,7 @@ class Rows:
     texts: list[str]                        # prompt / instruction / question
     targets: torch.Tensor | None = None     # edit results (N, 3, H, W) uint8
     answers: list[str] = field(default_factory=list)
-    scenes: list[dict | None] = field(default_factory=list)  # the scene graph of each row's image (an edit's
-                                                             # result), if given
+    scenes: list[dict | None] = field(default_factory=list)  # the scene graph of each row's image, if given
 
     def __len__(self) -> int:
         return len(self.texts)
@@ -78,12 +77,11 @@ def _heldout(image_name: str, fraction: float) -> bool:
 def load_world(data_dir: Path, limit: int | None = None, heldout_fraction: float = 0.05) -> WorldSets:
     data_dir = Path(data_dir)
     rows, imgs = _load(data_dir / "t2i", "t2i", ("image",), limit)
-    t2i = Rows(_stack([i[0] for i in imgs]), [r["prompt"] for r in rows], scenes=[r.get("scene") for r in rows])
+    t2i = Rows(_stack([i[0] for i in imgs]), [r["prompt"] for r in rows])
     edit = None
     if (data_dir / "edit").exists():
         rows, imgs = _load(data_dir / "edit", "edit", ("input_image", "output_image"), limit)
-        edit = Rows(_stack([i[0] for i in imgs]), [r["instruction"] for r in rows], _stack([i[1] for i in imgs]),
-                    scenes=[r.get("target_scene") for r in rows])  # the scene of the result, what is drawn
+        edit = Rows(_stack([i[0] for i in imgs]), [r["instruction"] for r in rows], _stack([i[1] for i in imgs]))
     und: list[tuple[str, np.ndarray, str, str, dict | None]] = []
     if (data_dir / "qa").exists():
         rows, imgs = _load(data_dir / "qa", "qa", ("image",), limit)

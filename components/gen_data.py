@@ -10,11 +10,11 @@ source latent as conditioning, present); the caller applies any dropout.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable
 
 import torch
 
-from components.base_data import Rows, WorldSets, object_cells
+from components.base_data import WorldSets
 from components.inference import autocast
 from components.models.autoencoder import SampleSpace
 from components.models.generator import GenCondition
@@ -35,10 +35,6 @@ class GenData:
     edit_tgt: torch.Tensor | None      # (M, C, h, w) latents of the edit results
     edit_text: torch.Tensor | None     # (M, L) token ids of the instructions
     pad_id: int
-    # {name: (N, cells)} / {name: (M, cells)}: object-head targets of the T2I images and the edit
-    # results (components.models.object_heads), when asked for in build
-    t2i_objects: Optional[dict[str, torch.Tensor]] = None
-    edit_objects: Optional[dict[str, torch.Tensor]] = None
 
     @property
     def has_edits(self) -> bool:
@@ -46,9 +42,7 @@ class GenData:
 
     @classmethod
     def build(cls, world: WorldSets, autoencoder: SampleSpace, text_ids: Callable[[list[str]], torch.Tensor],
-              pad_id: int, bf16: bool = True, objects: dict | None = None) -> "GenData":
-        """``objects``: ``object_cells``' arguments after the scene (``grid``, ``size``, ``classes``,
-        ``colours``) to hold object-head targets from the rows' scenes as well."""
+              pad_id: int, bf16: bool = True) -> "GenData":
         autoencoder.eval()
 
         def enc(u8: torch.Tensor) -> torch.Tensor:
@@ -56,42 +50,26 @@ class GenData:
                 return torch.cat([autoencoder.encode(images_to_unit(u8[i:i + ENCODE_BATCH])).float()
                                   for i in range(0, len(u8), ENCODE_BATCH)])
 
-        def cells(rows: Rows | None) -> dict[str, torch.Tensor] | None:
-            if rows is None or objects is None:
-                return None
-            per_row = [object_cells(sc, **objects) for sc in (rows.scenes or [None] * len(rows))]
-            return {k: torch.tensor([c[k] for c in per_row], dtype=torch.long) for k in ("cls", "colour")}
-
         edit = world.edit
         return cls(enc(world.t2i.images), text_ids(world.t2i.texts),
                    enc(edit.images) if edit is not None else None,
                    enc(edit.targets) if edit is not None else None,
-                   text_ids(edit.texts) if edit is not None else None, pad_id, cells(world.t2i), cells(edit))
+                   text_ids(edit.texts) if edit is not None else None, pad_id)
 
     def batch(self, n_t2i: int, n_edit: int, g: torch.Generator) -> tuple[torch.Tensor, GenCondition]:
         """``x0`` latents and their conditions: ``n_t2i`` T2I rows, then ``n_edit`` edit rows."""
-        x0, cond, _ = self.labelled_batch(n_t2i, n_edit, g)
-        return x0, cond
-
-    def labelled_batch(self, n_t2i: int, n_edit: int, g: torch.Generator
-                       ) -> tuple[torch.Tensor, GenCondition, dict[str, torch.Tensor] | None]:
-        """:meth:`batch` (the same rows for the same ``g``) and the rows' object-head targets
-        (None unless built with ``objects``)."""
         if n_edit and not self.has_edits:
             raise ValueError("the data holds no edit triplets")
         i_t = torch.randint(0, len(self.t2i), (n_t2i,), generator=g)
         x0, text = self.t2i[i_t], self.t2i_text[i_t]
         src, has = torch.zeros_like(x0), torch.zeros(n_t2i)
-        objects = None if self.t2i_objects is None else {k: v[i_t] for k, v in self.t2i_objects.items()}
         if n_edit:
             i_e = torch.randint(0, len(self.edit_src), (n_edit,), generator=g)
             x0 = torch.cat([x0, self.edit_tgt[i_e]])
             text = torch.cat([text, self.edit_text[i_e]])
             src = torch.cat([src, self.edit_src[i_e]])
             has = torch.cat([has, torch.ones(n_edit)])
-            if objects is not None:
-                objects = {k: torch.cat([v, self.edit_objects[k][i_e]]) for k, v in objects.items()}
-        return x0, GenCondition(text, src, has, pad_id=self.pad_id), objects
+        return x0, GenCondition(text, src, has, pad_id=self.pad_id)
 
     def task_batch(self, batch_size: int, edit_fraction: float, g: torch.Generator
                    ) -> tuple[torch.Tensor, GenCondition, bool]:

@@ -126,11 +126,9 @@ def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
 
 @torch.no_grad()
 def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
-    """``ema <- decay * ema + (1 - decay) * model``, parameter by parameter, matched by name (``model``
-    may hold parameters the EMA does not keep, such as training-only heads)."""
-    src = dict(getattr(model, "module", model).named_parameters())
-    for name, e in ema.named_parameters():
-        e.lerp_(src[name], 1.0 - decay)
+    """``ema <- decay * ema + (1 - decay) * model``, parameter by parameter."""
+    for e, m in zip(ema.parameters(), getattr(model, "module", model).parameters()):
+        e.lerp_(m, 1.0 - decay)
 
 
 def run_training(stage: Any, ctx: StageContext, reporter: Reporter,

@@ -35,12 +35,6 @@ Hooks for later stages:
   as CFG distillation needs; the output is unchanged until they are trained;
 - ``forward(..., return_features=True)`` also returns the image-token hidden states after
   every block, for a multi-head discriminator.
-
-Optional object heads (``object_classes``, ``object_colours``; training only) read the image
-tokens after ``object_layer`` blocks and predict the object centred in each token's cell;
-``forward(..., objects=...)`` adds their loss, a representation-alignment term in the manner of
-REPA with the world's scene labels as the target representation
-(``components/models/object_heads.py``). ``without_object_heads`` drops them for export.
 """
 
 from __future__ import annotations
@@ -54,8 +48,6 @@ from diffusers.models.embeddings import TimestepEmbedding, Timesteps, get_2d_sin
 from diffusers.models.normalization import AdaLayerNormContinuous
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
-
-from components.models.object_heads import make_object_heads, object_loss
 
 SCALE_EMBEDDINGS = ["text_scale", "image_scale"]  # CFG distillation's two extra embeddings
 TIME_SCALE = 1000.0  # t in [0, 1] and CFG scales are embedded like diffusion timesteps
@@ -81,9 +73,6 @@ class GeneratorConfig(BaseModel):
     head_channels: int = Field(0, ge=0, description="0: linear un-patchify; >0: features of this many channels "
                                                     "per pixel, refined with x by a 3-layer conv head")
     x0_t_min: float = Field(0.05, gt=0, le=1, description="t clamp of v = (x_t - x0_hat) / t")
-    object_classes: int = Field(0, ge=0, description="object heads (training only): classes, 0 = none")
-    object_colours: int = Field(0, ge=0, description="object heads (training only): colours, 0 = none")
-    object_layer: int = Field(2, ge=1, description="the object heads read the image tokens after this many blocks")
 
 
 @dataclass
@@ -199,17 +188,6 @@ class Generator(nn.Module):
             last = self.proj_out = nn.Linear(w, p * p * c)
         nn.init.zeros_(last.weight)  # the last layer starts at zero (velocity output: v = 0)
         nn.init.zeros_(last.bias)
-        if (cfg.object_classes or cfg.object_colours) and cfg.object_layer > cfg.depth:
-            raise ValueError(f"object_layer {cfg.object_layer} is deeper than the model ({cfg.depth} blocks)")
-        self.object_heads = make_object_heads(w, cfg.object_classes, cfg.object_colours)
-
-    def without_object_heads(self) -> "Generator":
-        """This model without its training-only object heads (what a checkpoint and later stages hold)."""
-        if not self.object_heads:
-            return self
-        lean = Generator(self.cfg.model_copy(update={"object_classes": 0, "object_colours": 0}))
-        lean.load_state_dict({k: v for k, v in self.state_dict().items() if not k.startswith("object_heads.")})
-        return lean.to(self.proj_out.weight).train(self.training)
 
     def add_extra_embeddings(self, names: list[str]) -> None:
         """Add timestep-style scalar embeddings (zero-initialised: the output does not change)."""
@@ -243,14 +221,8 @@ class Generator(nn.Module):
             hit = self._constant_embeddings[name] = (key, self._embed(emb, v, 1, like))
         return hit[1].expand(batch, -1)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, cond: GenCondition, return_features: bool = False,
-                objects: dict[str, torch.Tensor] | None = None
-                ) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]] | tuple[torch.Tensor, torch.Tensor]:
-        """The velocity at ``(x, t)``; with ``return_features``, also the image tokens after every block;
-        with ``objects`` (targets per image token, see :mod:`components.models.object_heads`), also
-        the object heads' loss on the tokens after ``object_layer`` blocks (REPA-style alignment)."""
-        if objects is not None and return_features:
-            raise ValueError("ask for the features or the object loss, not both")
+    def forward(self, x: torch.Tensor, t: torch.Tensor, cond: GenCondition,
+                return_features: bool = False) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
         b, c, hgt, wid = x.shape
         p = self.cfg.patch_size
         if cond.text.shape[1] > self.cfg.max_text_len:
@@ -277,13 +249,11 @@ class Generator(nn.Module):
         n_text = ctx.shape[1]
         h = torch.cat([ctx, img], dim=1)
         mod = F.silu(temb)
-        features, obj_loss = [], None
-        for i, blk in enumerate(self.blocks, 1):
+        features = []
+        for blk in self.blocks:
             h = blk(h, mod)
             if return_features:
                 features.append(h[:, n_text:])
-            if objects is not None and i == self.cfg.object_layer:
-                obj_loss = object_loss(self.object_heads, h[:, n_text:], objects)
         out = self.proj_out(self.norm_out(h[:, n_text:], temb))
         oc = self.cfg.head_channels or c
         out = out.view(b, hgt // p, wid // p, p, p, oc).permute(0, 5, 1, 3, 2, 4).reshape(b, oc, hgt, wid)
@@ -292,6 +262,4 @@ class Generator(nn.Module):
         if self.cfg.prediction == "x0":
             tb = torch.as_tensor(t, dtype=torch.float32, device=x.device).reshape(-1).expand(b)
             out = (x.float() - out.float()) / tb.clamp_min(self.cfg.x0_t_min).view(b, 1, 1, 1)
-        if objects is not None:
-            return out, obj_loss
         return (out, features) if return_features else out

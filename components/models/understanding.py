@@ -25,7 +25,8 @@ from torch import nn
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from components.models.kv_decoder import LeanLM
-from components.models.object_heads import IGNORE, make_object_heads, object_loss
+
+IGNORE = -100
 
 
 class UnderstandingConfig(BaseModel):
@@ -114,7 +115,11 @@ class Understanding(nn.Module):
         self.cfg = cfg
         self.encoder = CNNEncoder(cfg) if cfg.encoder == "cnn" else PatchEncoder(cfg)
         self.lm = Qwen2ForCausalLM(cfg.lm_config())
-        self.object_heads = make_object_heads(cfg.hidden, cfg.object_classes, cfg.object_colours)
+        self.object_heads = nn.ModuleDict()
+        if cfg.object_classes:
+            self.object_heads["cls"] = nn.Linear(cfg.hidden, cfg.object_classes + 1)
+        if cfg.object_colours:
+            self.object_heads["colour"] = nn.Linear(cfg.hidden, cfg.object_colours + 1)
 
     @property
     def n_image_tokens(self) -> int:
@@ -151,9 +156,18 @@ class Understanding(nn.Module):
         return lm_loss, self._object_loss(tokens, objects)
 
     def _object_loss(self, tokens: torch.Tensor, objects: dict[str, torch.Tensor]) -> torch.Tensor:
-        """The object heads' loss on the image tokens (:func:`components.models.object_heads.object_loss`):
-        the dense supervision a pretrained vision encoder (BAGEL's SigLIP) brings."""
-        return object_loss(self.object_heads, tokens, objects)
+        """Cross-entropy of the object heads on the image tokens: ``objects[name]`` is ``(B, grid*grid)``,
+        the class (or colour) index + 1 of the object centred in each cell, 0 for none, IGNORE where the
+        row has no scene. The dense supervision a pretrained vision encoder (BAGEL's SigLIP) brings."""
+        if not self.object_heads:
+            raise ValueError("this model has no object heads (object_classes / object_colours are 0)")
+        loss = tokens.new_zeros((), dtype=torch.float32)
+        for name, head in self.object_heads.items():
+            logits, target = head(tokens).float(), objects[name].reshape(-1)
+            total = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target, ignore_index=IGNORE,
+                                    reduction="sum")
+            loss = loss + total / (target != IGNORE).sum().clamp_min(1)  # a batch without scenes adds 0, not NaN
+        return loss
 
     @torch.no_grad()
     def generate(self, images: torch.Tensor, prompts: list[list[int]], max_new_tokens: int = 48) -> list[list[int]]:

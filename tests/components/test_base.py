@@ -175,30 +175,20 @@ def test_object_heads_train_the_encoder_from_the_rows_scenes(world, tmp_path):
         assert torch.equal(a, b.detach())
 
 
-def test_generator_object_heads_train_from_the_scenes_and_stay_out_of_the_teacher(world, tmp_path):
-    """gen_object_loss > 0: the generator's per-token heads learn from the T2I scenes (the tiny world's
-    edits carry no target scene: ignored); the EMA generator, the export and the checkpoint hold no heads."""
+def test_train_shift_sets_the_generator_training_times(world, tmp_path, monkeypatch):
+    """``train_shift`` reaches the logit-normal draw of every generation step (BAGEL's 3 by default)."""
     torch.set_num_threads(1)
-    state = run_training(base, ctx(world, gen_object_loss=0.5), LocalReporter(tmp_path / "a"))
-    data = state.data["gen"]
-    cells = (16 // 2) ** 2  # (8, 16) autoencoder: 16x16 latents; 2x2 patches
-    assert data.t2i_objects["cls"].shape == (len(data.t2i), cells)
-    assert ((data.t2i_objects["cls"] > 0).sum(1) >= 1).all() and (data.t2i_objects["cls"] >= 0).all()
-    assert (data.edit_objects["cls"] == -100).all()
-    g = torch.Generator().manual_seed(0)
-    x0, cond = data.batch(3, 2, g)
-    x1, cond1, objects = data.labelled_batch(3, 2, torch.Generator().manual_seed(0))
-    assert torch.equal(x0, x1) and torch.equal(cond.text, cond1.text) and objects["cls"].shape == (5, cells)
-    hist = [h for h in state.extra["history"] if "gen_object_loss" in h]
-    assert len(hist) == TINY["steps"] - TINY["ae_steps"] and all(np.isfinite(h["gen_object_loss"]) for h in hist)
-    assert state.modules["generator"].object_heads["cls"].weight.grad is not None
-    assert not state.modules["generator_ema"].object_heads
-    exp = base.export(state)
-    assert not any("object_heads" in k for k in exp.tensors)
-    md5 = checkpoints.save_checkpoint(tmp_path / "ckpt", exp.tensors, exp.config, {"stage": "base"}, exp.samples)
-    teacher = Teacher.load(tmp_path / "ckpt", md5)
-    assert not teacher.generator.object_heads and teacher.generator.cfg.object_classes == 0
-    assert teacher.generate(["a photo of a red circle"], num_steps=2).shape == (1, 64, 64, 3)
+    seen = []
+    draw = base.sampling.sample_train_t
+
+    def spy(n, shift=base.sampling.SHIFT, generator=None):
+        seen.append(shift)
+        return draw(n, shift=shift, generator=generator)
+
+    monkeypatch.setattr(base.sampling, "sample_train_t", spy)
+    assert base.Params().train_shift == 3.0
+    run_training(base, ctx(world, train_shift=0.5, steps=4), LocalReporter(tmp_path / "a"))
+    assert seen == [0.5] * (4 - TINY["ae_steps"])
 
 
 def test_object_cells_put_each_shape_in_the_cell_of_its_centre():

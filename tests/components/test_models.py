@@ -290,35 +290,6 @@ def test_object_heads_add_a_loss_on_the_image_tokens_only_where_labelled():
         Understanding(UnderstandingConfig(**TINY_UND))(images, ids, labels, objects)
 
 
-def test_generator_object_heads_read_the_tokens_after_object_layer_and_leave_the_velocity_alone():
-    """The generator's REPA-style heads: ``forward(..., objects=...)`` returns the same velocity plus
-    the heads' loss on the image tokens after ``object_layer`` blocks (the later blocks get no
-    gradient from it); ``without_object_heads`` computes the same velocity without the heads."""
-    torch.manual_seed(0)
-    g = Generator(GeneratorConfig(**TINY_GEN, object_classes=6, object_colours=10, object_layer=1))
-    with torch.no_grad():
-        for p in g.parameters():
-            p.normal_(0, 0.2)
-    x, t = torch.randn(2, 4, 8, 8), torch.tensor([0.3, 0.8])
-    cond = GenCondition(torch.tensor([[3, 4, 0, 0], [5, 0, 0, 0]]))
-    objects = {"cls": torch.zeros(2, 16, dtype=torch.long), "colour": torch.zeros(2, 16, dtype=torch.long)}
-    objects["cls"][0, 5], objects["colour"][0, 5] = 2, 7
-    objects["cls"][1], objects["colour"][1] = IGNORE, IGNORE  # a row without a scene
-    v, obj = g(x, t, cond, objects=objects)
-    assert torch.equal(v, g(x, t, cond)) and obj.ndim == 0 and torch.isfinite(obj)
-    obj.backward()
-    assert g.object_heads["cls"].weight.grad.abs().sum() > 0 and g.blocks[0].qkv.weight.grad.abs().sum() > 0
-    assert g.blocks[1].qkv.weight.grad is None and g.proj_out.weight.grad is None  # after object_layer: none
-    lean = g.without_object_heads()
-    assert not lean.object_heads and not any("object_heads" in k for k in lean.state_dict())
-    assert torch.equal(lean(x, t, cond), v.detach())
-    assert lean.without_object_heads() is lean
-    with pytest.raises(ValueError, match="deeper"):
-        Generator(GeneratorConfig(**TINY_GEN, object_classes=6, object_layer=4))
-    with pytest.raises(ValueError, match="no object heads"):
-        lean(x, t, cond, objects=objects)
-
-
 def test_understanding_kv_cache_generation_matches_recomputation():
     torch.manual_seed(0)
     m = Understanding(UnderstandingConfig(**TINY_UND)).eval()
