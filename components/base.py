@@ -80,6 +80,8 @@ class Params(TrainParams):
     gen_prediction: Literal["velocity", "x0"] = Field(
         "velocity", description="what the generator's last layer predicts (the loss is BAGEL's velocity MSE either way)")
     gen_head_channels: int = Field(0, ge=0, description="0: linear un-patchify; >0: the generator's conv head")
+    gen_text_mask: bool = Field(True, description="mask the text's padding out of the generator's attention and "
+                                                   "pooled text (BAGEL's context holds no padding)")
     gen_width: int = Field(192, ge=16)
     gen_depth: int = Field(6, ge=1)
     gen_heads: int = Field(4, ge=1)
@@ -87,6 +89,9 @@ class Params(TrainParams):
     gen_text_layers: int = Field(2, ge=0)
     max_text_len: int = Field(32, ge=4)
     edit_fraction: float = Field(0.5, ge=0, le=1, description="share of edit triplets in a batch")
+    edit_after: int = Field(0, ge=0, description="generation steps on T2I pairs alone before the edit triplets join "
+                                                 "(a shared text pathway learns captions far slower beside "
+                                                 "instructions; see reports/NOTES.md)")
     text_dropout: float = Field(0.1, ge=0, le=1, description="P(text dropped): the text-free CFG pass")
     image_dropout: float = Field(0.1, ge=0, le=1, description="P(source dropped): the image-free CFG pass")
     ema_decay: float = Field(0.999, ge=0, lt=1)
@@ -151,7 +156,7 @@ def build_teacher(p: Params, tok: Tokenizer) -> Teacher:
         vocab_size=len(tok), pad_id=tok.pad_id, max_text_len=p.max_text_len, in_channels=ae.cfg.sample_channels,
         sample_size=ae.cfg.latent_size, patch_size=p.gen_patch, width=p.gen_width, depth=p.gen_depth,
         heads=p.gen_heads, text_layers=p.gen_text_layers, prediction=p.gen_prediction,
-        head_channels=p.gen_head_channels))
+        head_channels=p.gen_head_channels, text_mask=p.gen_text_mask))
     heads = p.und_object_loss > 0  # the object heads exist only when their loss is trained
     und = Understanding(UnderstandingConfig(
         vocab_size=len(tok), pad_id=tok.pad_id, sep_id=tok.sep_id, eos_id=tok.eos_id, hidden=p.und_hidden,
@@ -318,11 +323,11 @@ def _gen_data(state: TrainState) -> GenData:
     return data
 
 
-def _gen_batch(state: TrainState, g: torch.Generator) -> tuple[torch.Tensor, GenCondition]:
-    """A batch of T2I pairs and edit triplets with text and source dropout."""
+def _gen_batch(state: TrainState, step: int, g: torch.Generator) -> tuple[torch.Tensor, GenCondition]:
+    """A batch of T2I pairs and edit triplets (none before ``edit_after``) with text and source dropout."""
     p: Params = state.extra["params"]
     data = _gen_data(state)
-    n_edit = round(p.batch_size * p.edit_fraction) if data.has_edits else 0
+    n_edit = round(p.batch_size * p.edit_fraction) if data.has_edits and step >= p.edit_after else 0
     x0, cond = data.batch(p.batch_size - n_edit, n_edit, g)
     if n_edit:
         keep = (torch.rand(n_edit, generator=g) >= p.image_dropout).float()
@@ -335,7 +340,7 @@ def _gen_batch(state: TrainState, g: torch.Generator) -> tuple[torch.Tensor, Gen
 def _gen_step(state: TrainState, step: int, g: torch.Generator) -> dict[str, float]:
     """BAGEL's flow-matching loss: ``|v(x_t, t, c) - (eps - x0)|^2`` at ``x_t = (1 - t) x0 + t eps``."""
     p: Params = state.extra["params"]
-    x0, cond = _gen_batch(state, g)
+    x0, cond = _gen_batch(state, step, g)
     noise = torch.randn(x0.shape, generator=g)
     t = sampling.sample_train_t(x0.shape[0], shift=p.train_shift, generator=g)
     model, opt = state.modules["generator"], state.optimizers["gen"]

@@ -23,6 +23,13 @@ sees a velocity model either way. Predicting the clean image is what makes pixel
 models with large patches work (Li & He, "Back to Basics: Let Denoising Generative Models
 Denoise", 2025): a clean 8x8 patch lies on a low-dimensional manifold, a noisy velocity does not.
 
+``text_mask``: the text is right-padded to a fixed length (all padding is the text-free
+condition), but BAGEL's context holds no padding. Masked, the padding is cut after the batch's
+last word (a batch of one, or of equal lengths, holds none; the text-free condition holds no text
+token), and what remains of it in a batch of mixed lengths is masked out of attention and of the
+pooled text. Unmasked, every padding token takes part as a key and in the mean (26 of 32 tokens
+of a short prompt). See reports/NOTES.md for what it changes in training.
+
 ``head_channels > 0`` replaces the linear un-patchify by a small convolutional head: the last
 layer writes ``head_channels`` features per pixel, and three 3x3 convolutions over them and
 ``x`` draw the output, so neighbouring patches agree at their borders (shape edges cross
@@ -73,6 +80,8 @@ class GeneratorConfig(BaseModel):
     head_channels: int = Field(0, ge=0, description="0: linear un-patchify; >0: features of this many channels "
                                                     "per pixel, refined with x by a 3-layer conv head")
     x0_t_min: float = Field(0.05, gt=0, le=1, description="t clamp of v = (x_t - x0_hat) / t")
+    text_mask: bool = Field(False, description="padding tokens are masked out of attention and of the pooled text "
+                                               "(as BAGEL, whose context holds no padding); False: they take part")
 
 
 @dataclass
@@ -116,7 +125,9 @@ class Block(nn.Module):
             nn.init.zeros_(self.ada.weight)
             nn.init.zeros_(self.ada.bias)
 
-    def forward(self, h: torch.Tensor, c: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, c: torch.Tensor | None = None,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``mask``: None, or booleans broadcastable to ``(B, heads, N, N)``, True where a query may attend."""
         b, n, w = h.shape
         if self.ada is None:
             x = self.norm1(h)
@@ -124,7 +135,7 @@ class Block(nn.Module):
             s1, m1, g1, s2, m2, g2 = self.ada(c).unsqueeze(1).chunk(6, dim=-1)
             x = self.norm1(h) * (1 + m1) + s1
         q, k, v = self.qkv(x).view(b, n, 3, self.heads, w // self.heads).permute(2, 0, 3, 1, 4)
-        a = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, w)
+        a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2).reshape(b, n, w)
         if self.ada is None:
             h = h + self.proj(a)
             return h + self.mlp(self.norm2(h))
@@ -140,11 +151,18 @@ class TextEncoder(nn.Module):
         self.layers = nn.ModuleList(Block(cfg.width, cfg.heads, cfg.mlp_ratio, modulated=False)
                                     for _ in range(cfg.text_layers))
         self.norm = nn.LayerNorm(cfg.width)
+        self.masked, self.pad_id = cfg.text_mask, cfg.pad_id
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         h = self.tok(ids) + self.pos[:, : ids.shape[1]]
+        mask = None
+        words = ids != self.pad_id
+        if self.masked and not bool(words.all()):
+            # a token reads the words and itself (a padding token, or an all-padding text, reads no word)
+            own = torch.eye(ids.shape[1], dtype=torch.bool, device=ids.device)
+            mask = (words[:, None, :] | own)[:, None]
         for layer in self.layers:
-            h = layer(h)
+            h = layer(h, mask=mask)
         return self.norm(h)
 
 
@@ -200,7 +218,20 @@ class Generator(nn.Module):
     def with_context(self, cond: GenCondition) -> GenCondition:
         """``cond`` carrying its text encoding, which does not depend on ``x`` or ``t``: a sampler
         computes it once per condition instead of in every pass (the passes compute the same numbers)."""
+        cond = self.trim_text(cond)
         return replace(cond, context=self.text(cond.text))
+
+    def trim_text(self, cond: GenCondition) -> GenCondition:
+        """With ``text_mask``, ``cond`` with its text (and context) cut after the batch's last word:
+        the padding takes no part, so the velocity is the same and the passes are shorter (a batch
+        of one holds no padding at all; the text-free condition holds no text token)."""
+        if not self.cfg.text_mask:
+            return cond
+        present = (cond.text != self.cfg.pad_id).any(0).nonzero()
+        n = int(present[-1]) + 1 if len(present) else 0
+        if n == cond.text.shape[1]:
+            return cond
+        return replace(cond, text=cond.text[:, :n], context=None if cond.context is None else cond.context[:, :n])
 
     def _embed(self, emb: nn.Module, v: torch.Tensor | float, batch: int, like: torch.Tensor) -> torch.Tensor:
         v = torch.as_tensor(v, dtype=like.dtype, device=like.device).reshape(-1).expand(batch)
@@ -227,13 +258,22 @@ class Generator(nn.Module):
         p = self.cfg.patch_size
         if cond.text.shape[1] > self.cfg.max_text_len:
             raise ValueError(f"text of {cond.text.shape[1]} tokens; the model takes at most {self.cfg.max_text_len}")
+        cond = self.trim_text(cond)
         if cond.context is None:
             ctx = self.text(cond.text)
         elif cond.context.shape != (*cond.text.shape, self.cfg.width):
             raise ValueError(f"a context of shape {tuple(cond.context.shape)} for text of shape {tuple(cond.text.shape)}")
         else:
             ctx = cond.context
-        temb = self._embed(self.time_embed, t, b, x) + self.pool_proj(ctx.mean(1))
+        words = None
+        if self.cfg.text_mask:
+            words = cond.text != self.cfg.pad_id  # (B, L)
+            pooled = (ctx * words[..., None]).sum(1) / words.sum(1, keepdim=True).clamp_min(1)
+            if bool(words.all()):
+                words = None  # nothing to mask
+        else:
+            pooled = ctx.mean(1)
+        temb = self._embed(self.time_embed, t, b, x) + self.pool_proj(pooled)
         for name in self.extra_embed:
             if name not in cond.extra:
                 raise ValueError(f"this model needs the extra condition {name!r}")
@@ -248,10 +288,13 @@ class Generator(nn.Module):
         img = img.flatten(2).transpose(1, 2) + self.pos
         n_text = ctx.shape[1]
         h = torch.cat([ctx, img], dim=1)
+        mask = None
+        if words is not None:  # every query reads the words and the image tokens, never the padding
+            mask = torch.cat([words, words.new_ones(b, img.shape[1])], dim=1)[:, None, None, :]
         mod = F.silu(temb)
         features = []
         for blk in self.blocks:
-            h = blk(h, mod)
+            h = blk(h, mod, mask)
             if return_features:
                 features.append(h[:, n_text:])
         out = self.proj_out(self.norm_out(h[:, n_text:], temb))

@@ -191,6 +191,28 @@ def test_train_shift_sets_the_generator_training_times(world, tmp_path, monkeypa
     assert seen == [0.5] * (4 - TINY["ae_steps"])
 
 
+def test_edit_triplets_join_the_generator_batches_after_edit_after_steps(world, tmp_path, monkeypatch):
+    """``edit_after``: the first generation steps draw T2I pairs alone, then edit triplets take their
+    ``edit_fraction`` of every batch (0: from the start)."""
+    from components.gen_data import GenData
+
+    torch.set_num_threads(1)
+    seen = []
+    batch = GenData.batch
+
+    def spy(self, n_t2i, n_edit, g):
+        seen.append((n_t2i, n_edit))
+        return batch(self, n_t2i, n_edit, g)
+
+    monkeypatch.setattr(GenData, "batch", spy)
+    gen_steps = 4 - TINY["ae_steps"] + 2
+    run_training(base, ctx(world, edit_after=2, steps=TINY["ae_steps"] + gen_steps), LocalReporter(tmp_path / "a"))
+    assert seen[:gen_steps] == [(4, 0)] * 2 + [(2, 2)] * (gen_steps - 2)
+    seen.clear()
+    run_training(base, ctx(world, steps=TINY["ae_steps"] + 2), LocalReporter(tmp_path / "b"))
+    assert seen[:2] == [(2, 2)] * 2
+
+
 def test_object_cells_put_each_shape_in_the_cell_of_its_centre():
     scene = {"objects": [{"cls": "star", "colour": "red", "cx": 3.0, "cy": 60.0, "size": 10},
                          {"cls": "digit", "colour": "blue", "cx": 30.0, "cy": 30.0, "size": 10, "text": "7"},

@@ -46,6 +46,29 @@ def test_generator_shapes_features_and_conditions():
     assert torch.allclose(g(x, t, mixed)[0], v[0], atol=1e-5)
 
 
+def test_masked_text_padding_changes_nothing():
+    """text_mask: the padding takes no part (attention, pooled text), so a text padded to the full
+    length gives the velocity of its words alone; the text-free condition (all padding) is the image
+    tokens alone, and the passes are cut after the batch's last word. Unmasked, the padding is read."""
+    x, t, cond = inputs()
+    words = torch.tensor([[3, 4, 0, 0, 0, 0], [5, 6, 7, 0, 0, 0], [8, 9, 10, 11, 12, 13]])
+    for masked in (True, False):
+        g = tiny_generator(text_mask=masked).eval()
+        with torch.no_grad():
+            full = g(x, t, GenCondition(words, cond.source))
+            for i, n in enumerate((2, 3, 6)):
+                short = g(x[i:i + 1], t[i:i + 1], GenCondition(words[i:i + 1, :n], cond.source[i:i + 1]))
+                assert torch.allclose(full[i:i + 1], short, atol=1e-5) == (masked or n == 6)
+            none = GenCondition(words, cond.source).without_text()
+            assert torch.allclose(g(x, t, none), g(x, t, GenCondition(words[:, :0], cond.source)), atol=1e-5) == masked
+            assert torch.isfinite(g(x, t, none)).all()
+            # masked, the passes hold no padding: a text is cut after the batch's last word
+            cut = g.with_context(GenCondition(words[:2], cond.source[:2]))
+            assert cut.text.shape[1] == cut.context.shape[1] == (3 if masked else 6)
+            assert g.trim_text(none).text.shape[1] == (0 if masked else 6)
+            assert torch.allclose(g(x[:2], t[:2], cut), full[:2], atol=1e-5)
+
+
 def test_fresh_generator_predicts_zero_velocity():
     g = Generator(GeneratorConfig(**TINY_GEN))
     x, t, cond = inputs()
