@@ -156,11 +156,10 @@ class TextEncoder(nn.Module):
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         h = self.tok(ids) + self.pos[:, : ids.shape[1]]
         mask = None
-        words = ids != self.pad_id
-        if self.masked and not bool(words.all()):
+        if self.masked and bool((ids == self.pad_id).any()):
             # a token reads the words and itself (a padding token, or an all-padding text, reads no word)
             own = torch.eye(ids.shape[1], dtype=torch.bool, device=ids.device)
-            mask = (words[:, None, :] | own)[:, None]
+            mask = ((ids != self.pad_id)[:, None, :] | own)[:, None]
         for layer in self.layers:
             h = layer(h, mask=mask)
         return self.norm(h)
