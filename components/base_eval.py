@@ -13,6 +13,9 @@ GEdit-shapes: the benchmark's samples (``gedit_scale`` of GEdit's per-category c
 edited in EN and CN with BAGEL's editing CFG; judged by
 :class:`components.evaluation.gedit_judge.ShapesJudge` (SC, PQ, O; macro average over categories).
 Understanding: exact-answer accuracy on the world data's held-out Q&A rows.
+Text reading (a teacher only): :func:`text_reading`, the loss gain of the right prompt against its
+shape words, its colour words or the whole prompt changed, on ``text_rows`` T2I rows of the world
+data (``text_gain_shape`` / ``_colour`` / ``_prompt`` at t = 0.85; every level in results.json).
 
 NFE are counted (real forward passes of the generator) and sampling time per image is measured at
 batch 1 and at ``batch``. Results: ``geneval/`` (GenEval's folder layout and results.jsonl),
@@ -39,9 +42,11 @@ from components.base_data import load_world
 from components.checkpoints import load_checkpoint
 from components.evaluation import geneval
 from components.evaluation.gedit_judge import ShapesJudge
+from components.evaluation.text_reading import text_gains
+from components.gen_data import images_to_unit
 from components.distill import student_model
-from components.inference import InputError, Teacher
-from components.models.generator import SCALE_EMBEDDINGS, Generator
+from components.inference import InputError, Teacher, autocast, bf16_weights, uses_bf16
+from components.models.generator import SCALE_EMBEDDINGS, GenCondition, Generator
 from components.models.tokens import Tokenizer
 from components.training import StageContext
 from components.world import gedit, geneval_prompts
@@ -63,6 +68,8 @@ class Params(BaseModel):
     num_steps: int | None = Field(None, ge=1, description="Euler steps (null: the model's own; BAGEL: 50)")
     extra_steps: list[int] = Field(default_factory=list, description="GenEval-only rows at these step counts")
     gedit: bool = Field(True, description="score GEdit-shapes EN and CN")
+    text_rows: int = Field(256, ge=0, description="T2I rows of the world data on which a teacher's reading of shape "
+                                                  "and colour words is measured (text_gain_* metrics; 0: off)")
     batch: int = Field(16, ge=1, description="sampling batch; time per image is also taken at batch 1")
     torch_threads: int = Field(2, ge=1)
 
@@ -240,6 +247,24 @@ def compare_speed(models: dict[str, Teacher], batch: int, repeats: int = 6) -> d
     return timing
 
 
+TEXT_GAIN_T = 0.85  # where the objects' layout is decided (reports/NOTES.md): the gains logged as metrics
+
+
+def text_reading(teacher: Teacher, rows, t_values=(0.95, TEXT_GAIN_T, 0.7, 0.5)) -> dict[float, dict[str, float]]:
+    """:func:`components.evaluation.text_reading.text_gains` of a teacher's generator on T2I ``rows``
+    (images and prompts), under the precision it samples with; swapped words are drawn from the
+    words its tokenizer knows."""
+    fast = uses_bf16(teacher.bf16)
+    gen = bf16_weights(teacher.generator) if fast else teacher.generator
+    space = bf16_weights(teacher.autoencoder) if fast else teacher.autoencoder
+    pad = teacher.tokenizer.pad_id
+    with torch.no_grad(), autocast(teacher.bf16):
+        x0 = space.encode(images_to_unit(rows.images)).float()
+        return text_gains(lambda x, t, c: gen(x, t, c), lambda tx: gen.with_context(
+            GenCondition(teacher.text_ids(tx), pad_id=pad)), x0, list(rows.texts), t_values,
+                          known=set(teacher.tokenizer.tokens()))
+
+
 def untrained_pair(p: BaseParams, sample_steps: int, shift: float, seed: int = 0) -> dict[str, Teacher]:
     """``{"teacher": ..., "student": ...}`` with random weights: the teacher that base parameters ``p``
     train, and a CFG-distilled student of its generator (scale embeddings, ``sample_steps`` passes).
@@ -311,6 +336,14 @@ def run(ctx: StageContext, out_dir: Path) -> dict[str, float]:
         metrics["understanding_accuracy"] = answer_accuracy(teacher, held, p.und_rows, batch=p.batch)
     else:
         metrics["understanding_accuracy"] = math.nan
+
+    if p.text_rows and not teacher.embedded_cfg:
+        gains = text_reading(teacher, load_world(ctx.data_dir, limit=p.text_rows).t2i)
+        results["text_gains"] = {str(t): g for t, g in gains.items()}
+        for kind, gain in gains[TEXT_GAIN_T].items():
+            metrics[f"text_gain_{kind}"] = gain
+        log("text gain at t = {}: {}".format(TEXT_GAIN_T, ", ".join(f"{k} {v:.3f}" for k, v in
+                                                                     gains[TEXT_GAIN_T].items())))
 
     metrics.update(sampling_speed(teacher, p.batch, p.num_steps, p.seed))
     results["metrics"] = metrics
