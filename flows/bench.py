@@ -176,6 +176,8 @@ def base_section(profile: str) -> dict[str, Any]:
                     .get("stage_s")},
         "sample_s": {k: m.get(f"{k}_s") for k in ("t2i_b1", "t2i_b16", "edit_b1", "edit_b16")},
         "geneval_unknown_prompts": m.get("geneval_unknown_prompts"),
+        # which prompt words the teacher reads (components/evaluation/text_reading.py), every noise level
+        "text_gains": ev.get("text_gains"),
         "training_steps": (base.get("metrics") or {}).get("step"),
         "images": images,
     }
