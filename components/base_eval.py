@@ -42,10 +42,10 @@ from components.base_data import load_world
 from components.checkpoints import load_checkpoint
 from components.evaluation import geneval
 from components.evaluation.gedit_judge import ShapesJudge
-from components.evaluation.text_reading import text_gains
+from components.evaluation.text_reading import DEFAULT_T, LAYOUT_T, text_gains
 from components.gen_data import images_to_unit
 from components.distill import student_model
-from components.inference import InputError, Teacher, autocast, bf16_weights, uses_bf16
+from components.inference import InputError, Teacher, autocast
 from components.models.generator import SCALE_EMBEDDINGS, GenCondition, Generator
 from components.models.tokens import Tokenizer
 from components.training import StageContext
@@ -247,22 +247,16 @@ def compare_speed(models: dict[str, Teacher], batch: int, repeats: int = 6) -> d
     return timing
 
 
-TEXT_GAIN_T = 0.85  # where the objects' layout is decided (reports/NOTES.md): the gains logged as metrics
-
-
-def text_reading(teacher: Teacher, rows, t_values=(0.95, TEXT_GAIN_T, 0.7, 0.5)) -> dict[float, dict[str, float]]:
+def text_reading(teacher: Teacher, rows, t_values=DEFAULT_T) -> dict[float, dict[str, float]]:
     """:func:`components.evaluation.text_reading.text_gains` of a teacher's generator on T2I ``rows``
     (images and prompts), under the precision it samples with; swapped words are drawn from the
     words its tokenizer knows."""
-    fast = uses_bf16(teacher.bf16)
-    gen = bf16_weights(teacher.generator) if fast else teacher.generator
-    space = bf16_weights(teacher.autoencoder) if fast else teacher.autoencoder
+    gen, space = teacher.inference_parts()
     pad = teacher.tokenizer.pad_id
     with torch.no_grad(), autocast(teacher.bf16):
         x0 = space.encode(images_to_unit(rows.images)).float()
-        return text_gains(lambda x, t, c: gen(x, t, c), lambda tx: gen.with_context(
-            GenCondition(teacher.text_ids(tx), pad_id=pad)), x0, list(rows.texts), t_values,
-                          known=set(teacher.tokenizer.tokens()))
+        return text_gains(gen, lambda tx: gen.with_context(GenCondition(teacher.text_ids(tx), pad_id=pad)), x0,
+                          list(rows.texts), t_values, known=set(teacher.tokenizer.tokens()))
 
 
 def untrained_pair(p: BaseParams, sample_steps: int, shift: float, seed: int = 0) -> dict[str, Teacher]:
@@ -340,10 +334,10 @@ def run(ctx: StageContext, out_dir: Path) -> dict[str, float]:
     if p.text_rows and not teacher.embedded_cfg:
         gains = text_reading(teacher, load_world(ctx.data_dir, limit=p.text_rows).t2i)
         results["text_gains"] = {str(t): g for t, g in gains.items()}
-        for kind, gain in gains[TEXT_GAIN_T].items():
+        for kind, gain in gains[LAYOUT_T].items():
             metrics[f"text_gain_{kind}"] = gain
-        log("text gain at t = {}: {}".format(TEXT_GAIN_T, ", ".join(f"{k} {v:.3f}" for k, v in
-                                                                     gains[TEXT_GAIN_T].items())))
+        log("text gain at t = {}: {}".format(LAYOUT_T, ", ".join(f"{k} {v:.3f}" for k, v in
+                                                                     gains[LAYOUT_T].items())))
 
     metrics.update(sampling_speed(teacher, p.batch, p.num_steps, p.seed))
     results["metrics"] = metrics

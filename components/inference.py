@@ -197,6 +197,13 @@ class Teacher:
 
     # ------------------------------------------------------------ generation
 
+    def inference_parts(self) -> tuple[Generator, SampleSpace]:
+        """The generator and the autoencoder as sampling runs them: under bfloat16, the stored
+        bfloat16 copies (:func:`bf16_weights`), else the modules themselves."""
+        if uses_bf16(self.bf16):
+            return bf16_weights(self.generator), bf16_weights(self.autoencoder)
+        return self.generator, self.autoencoder
+
     def _sample(self, ids: torch.Tensor, seed: int, num_steps: int | None, cfg: sampling.CFG,
                 source: torch.Tensor | None = None) -> np.ndarray:
         """Images for the text ``ids`` and, for an edit, the ``source`` images ((B, 3, 64, 64) in
@@ -207,9 +214,7 @@ class Teacher:
         # under bfloat16 the generator and the autoencoder run from stored bfloat16 weights (bf16_weights:
         # the same numbers, without casting every weight again in each call); the decoder's image is
         # within 2 uint8 levels of a float32 decoder's
-        fast = uses_bf16(self.bf16)
-        generator = bf16_weights(self.generator) if fast else self.generator
-        space = bf16_weights(self.autoencoder) if fast else self.autoencoder
+        generator, space = self.inference_parts()
         counter = sampling.NFECounter(velocity_fn(generator, self.bf16))
         with torch.no_grad(), autocast(self.bf16):
             z_src = None if source is None else space.encode(source).float()
