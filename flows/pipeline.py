@@ -34,7 +34,8 @@ def promote_task(ws: Workspace, gate: str, eval_stage: str) -> dict[str, Any]:
     c = tracking.client(ws.state)
     model = tracking.registered_name(gate, ws.profile)
     sd = ws.stage(eval_stage)
-    md5 = ws.out_md5(sd.evaluates)
+    scored = sd.evaluates or sd.name  # a stage that evaluates its own model (draft) gates itself
+    md5 = ws.out_md5(scored)
     versions = [mv for mv in c.search_model_versions(f"name='{model}'") if mv.tags.get("dvc.md5") == md5]
     if not versions:
         log.warning("no registered %s version has md5 %s; nothing to promote", model, md5)
@@ -45,7 +46,7 @@ def promote_task(ws: Workspace, gate: str, eval_stage: str) -> dict[str, Any]:
     if rules.teacher:  # the same profile's teacher version it was distilled from is the reference
         rules = rules.model_copy(update={"teacher": tracking.registered_name(rules.teacher, ws.profile)})
     res = registry.promote(c, model, str(mv.version), rules,
-                           local=ws.out_path(sd.evaluates))
+                           local=ws.out_path(scored))
     log.info("%s v%s: %s (%s); champion is v%s", model, mv.version,
              "PROMOTED" if res.decision.passed else "rejected", res.decision.reason, res.champion)
     return {"model": model, "version": res.version, "promoted": res.decision.passed,

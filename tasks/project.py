@@ -71,7 +71,7 @@ class StageDef:
     data: str | None  # stage whose data set this stage reads
     model: str | None  # registered model name, for model-producing stages
     evaluates: str | None  # for eval stages: the stage whose model is scored
-    gate: str | None  # for eval stages: the registered model this evaluation gates
+    gate: str | None  # the registered model this stage's metrics gate (an eval stage's, or its own)
     teacher: str | None = None  # a second model input (DMDO's real score), verified like the parent
 
     @property

@@ -13,7 +13,7 @@ from components.gates import Decision, GateParams, decide
 from tasks.project import INPUT_ROLES
 
 CHAMPION, PREVIOUS = "champion", "previous"
-URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))$")
+URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+|latest))$")
 
 
 class ModelNotFound(LookupError):
@@ -21,23 +21,31 @@ class ModelNotFound(LookupError):
 
 
 def resolve(c, uri: str):
-    """``models:/NAME@ALIAS`` or ``models:/NAME/VERSION`` -> ModelVersion (clear error otherwise)."""
+    """``models:/NAME@ALIAS``, ``models:/NAME/VERSION`` or ``models:/NAME/latest`` (the newest version,
+    gated or not) -> ModelVersion (clear error otherwise)."""
     from mlflow.exceptions import MlflowException
 
     m = URI.match(uri.strip())
     if not m:
-        raise ModelNotFound(f"{uri!r} is not a model URI; use models:/NAME@ALIAS or models:/NAME/VERSION")
+        raise ModelNotFound(f"{uri!r} is not a model URI; use models:/NAME@ALIAS, models:/NAME/VERSION "
+                            "or models:/NAME/latest")
     name = m["name"]
     try:
         if m["alias"]:
             return c.get_model_version_by_alias(name, m["alias"])
+        if m["version"] == "latest":
+            versions = c.search_model_versions(f"name='{name}'")
+            if versions:
+                return c.get_model_version(name, str(max(int(v.version) for v in versions)))
+            raise MlflowException(f"no versions of {name}")
         return c.get_model_version(name, m["version"])
     except MlflowException:
         known = sorted(rm.name for rm in c.search_registered_models())
         if name not in known:
             raise ModelNotFound(f"no registered model {name!r}; registered: {', '.join(known) or 'none'}") from None
         aliases = sorted(c.get_registered_model(name).aliases)
-        raise ModelNotFound(f"{uri!r} not found; {name} has aliases: {', '.join(aliases) or 'none'}") from None
+        raise ModelNotFound(f"{uri!r} not found; {name} has aliases: {', '.join(aliases) or 'none'} "
+                            f"(models:/{name}/latest is its newest version, gated or not)") from None
 
 
 def metrics_of(mv) -> dict[str, float]:

@@ -122,9 +122,9 @@ def execute(stage: str, cwd: Path | None = None) -> dict[str, Any]:
             name = tracking.registered_name(sd.model, ws.profile)
             version = tracking.register(c, name, run_id, f"{run.info.artifact_uri}/checkpoint", vtags)
             c.set_tag(run_id, "model.version", f"{name}/{version}")
-        if sd.evaluates and sd.gate:
-            _tag_evaluated_version(c, lineage["evaluates"], tracking.registered_name(sd.gate, ws.profile),
-                                   metrics, run_id)
+        if sd.gate:  # an evaluation scores the model it evaluates; a self-evaluating stage (draft) its own
+            scored = lineage["evaluates"] if sd.evaluates else {"md5": md5}
+            _tag_evaluated_version(c, scored, tracking.registered_name(sd.gate, ws.profile), metrics, run_id)
         ok = True
         return {"run_id": run_id, "metrics": metrics, "md5": md5}
     finally:

@@ -77,3 +77,14 @@ def test_a_registered_version_is_downloaded_from_mlflow(ckpt, tmp_path, monkeypa
 
     with pytest.raises(ModelNotFound, match="aliases: champion"):
         fetch_import(ws, c, "models:/hyperbagel-base-full@nope", tmp_path / "dest3")
+
+    # models:/NAME/latest: the newest version, whatever its aliases (the one a rejected gate leaves unaliased)
+    from tasks.registry import resolve
+
+    newer = tracking.register(c, "hyperbagel-base-full", run_id, f"{run.info.artifact_uri}/checkpoint",
+                              {"dvc.md5": md5})
+    assert int(newer) == int(version) + 1
+    assert str(resolve(c, "models:/hyperbagel-base-full/latest").version) == str(newer)
+    assert str(resolve(c, "models:/hyperbagel-base-full@champion").version) == str(version)
+    with pytest.raises(ModelNotFound, match="registered: hyperbagel-base-full"):
+        resolve(c, "models:/hyperbagel-draft/latest")

@@ -54,6 +54,14 @@ def test_smoke_profile_runs_every_stage_then_nothing(tmp_path, monkeypatch, pref
     assert "resized to 64x64" in r.stderr and "132 NFE" in r.stderr and Image.open(edited).size == (64, 64)
     r = cli("ask", "-m", model, "-i", str(img), "-q", "how many circles are there?")
     assert r.returncode == 0 and r.stdout.strip(), r.stderr
+    # the draft gates itself (lossless on its held-out prompts), so its champion decodes the same answer
+    promo = [p for p in first["promotions"] if p["model"] == "hyperbagel-draft-smoke"]
+    assert promo and promo[0]["promoted"], first["promotions"]
+    spec = cli("ask", "-m", model, "-i", str(img), "-q", "how many circles are there?", "--speculative",
+               "--draft", "models:/hyperbagel-draft-smoke@champion", "--verbose")
+    assert spec.returncode == 0, spec.stderr
+    # (float32 both ways; the plain `ask` above may run in bfloat16)
+    assert spec.stdout.strip() and "identical to the target's answer: yes" in spec.stderr, spec.stderr
     for args, message in [(("generate", "-m", model, "--prompt", "a photo of a red hexagon", "-o", str(img)),
                            "unknown word(s): 'hexagon'"),
                           (("ask", "-m", "models:/hyperbagel-base-smoke@gold", "-i", str(img), "-q", "x"),
