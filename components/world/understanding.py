@@ -6,7 +6,8 @@ Question kinds (:data:`QUESTION_KINDS`), worded in the world's closed English vo
 - ``colour``: "what colour is the circle?" (a class that occurs once) -> "red"
 - ``shape``: "what shape is the red object?" (a colour that occurs once) -> "circle"
 - ``position``: "where is the circle relative to the square?" -> "left of" (asked only when
-  exactly one of GenEval's relations holds, with room to spare)
+  exactly one of GenEval's relations holds, with room to spare, between two objects its words name
+  unambiguously: two red circles are never "the red circle")
 - ``existence``: "is there a blue star?" -> "yes" / "no" (balanced)
 
 Captions are several sentences: how many shapes on which background, then one sentence per
@@ -68,7 +69,8 @@ def _shape(scene: Scene, rng: np.random.Generator) -> tuple[str, str] | None:
 
 
 def _position(scene: Scene, rng: np.random.Generator) -> tuple[str, str] | None:
-    objs = scene.objects
+    names = [_name(o, scene) for o in scene.objects]
+    objs = [o for o, n in zip(scene.objects, names) if names.count(n) == 1]  # "the red circle" names one object
     pairs = [(a, b, r) for i, a in enumerate(objs) for j, b in enumerate(objs)
              if i != j and (r := clear_relation(a, b)) is not None]
     if not pairs:

@@ -236,7 +236,9 @@ def test_the_three_stages_chain_and_sample_with_one_pass_per_step(world, teacher
     six.edit(src, ["make the circle blue"], seed=1, num_steps=6)
     assert six.last_nfe == 6  # one pass per step, editing CFG included
     # the teacher keeps BAGEL's CFG passes: 2 per T2I step
-    Teacher.load(teacher_dir).generate(["a photo of a red circle"], num_steps=3)
+    teacher = Teacher.load(teacher_dir)
+    teacher.generate(["a photo of a red circle"], num_steps=3)
+    assert not teacher.embedded_cfg and teacher.last_nfe == 6
     with pytest.raises(ValueError, match="CFG-distilled"):
         tscd.setup(StageContext(params=tscd.Params(**SMOKE, grid_steps=6, sample_steps=3), data_dir=world,
                                 parent_dir=teacher_dir))

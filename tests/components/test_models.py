@@ -149,7 +149,13 @@ def test_constant_scale_embeddings_are_reused_until_the_weights_change():
         ref = g(x, t, as_tensors)  # tensors: computed every call, never cached
         assert torch.allclose(g(x, t, as_numbers), ref, atol=1e-6)
         assert len(g._constant_embeddings) == 2
-        assert torch.allclose(g(x, t, as_numbers), ref, atol=1e-6)  # served from the cache
+        cached = {name: hit[1] for name, hit in g._constant_embeddings.items()}
+        computed = []
+        embed = g._embed
+        extras = set(map(id, g.extra_embed.values()))
+        g._embed = lambda emb, *a: (id(emb) in extras and computed.append(emb)) or embed(emb, *a)  # scale embeddings
+        assert torch.allclose(g(x, t, as_numbers), ref, atol=1e-6)
+        assert computed == [] and all(g._constant_embeddings[k][1] is v for k, v in cached.items())  # the cache
         assert not torch.allclose(g(x, t, GenCondition(cond.text, cond.source).with_scales(2.0, 1.5)), ref)
     # an optimiser step changes the weights in place: the next call recomputes
     opt = torch.optim.SGD(g.extra_embed.parameters(), lr=0.01)
@@ -158,7 +164,9 @@ def test_constant_scale_embeddings_are_reused_until_the_weights_change():
     with torch.no_grad():
         fresh = g(x, t, as_tensors)
         assert not torch.allclose(fresh, ref)
+        computed.clear()
         assert torch.allclose(g(x, t, as_numbers), fresh, rtol=1e-5, atol=1e-5)
+        assert len(computed) == 2  # both constant embeddings recomputed after the step
         # loading other weights also invalidates it
         g.load_state_dict({k: v.clone() for k, v in g.state_dict().items()} | {
             "extra_embed.text_scale.linear_2.bias": torch.ones_like(g.extra_embed["text_scale"].linear_2.bias)})

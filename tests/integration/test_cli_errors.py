@@ -8,6 +8,8 @@ import sys
 
 import pytest
 
+pytestmark = pytest.mark.integration  # the CLI in a subprocess on a real DVC project
+
 
 def _cli(proj, *args):
     return subprocess.run([sys.executable, "-m", "flows.cli", *args], cwd=proj, capture_output=True, text=True,

@@ -75,6 +75,16 @@ def test_colour_and_position_look_only_at_the_top_count_objects():
     objs = {"star": [box(10, 10, 8, score=0.9), box(40, 40, 8, score=0.8)]}
     colours = colours_of({("star", 0): "red", ("star", 1): "blue"})
     assert evaluate(None, objs, meta, colours) == (True, "")
+    by_score = lambda image, found, cls: ["red" if o[0][4] > 0.85 else "blue" for o in found]  # noqa: E731
+    assert evaluate(None, objs, meta, by_score) == (True, "")
+    assert evaluate(None, {"star": objs["star"][::-1]}, meta, by_score)[0] is False  # the blue one ranks first
+    meta = {"tag": "position", "include": [{"class": "square", "count": 1},
+                                           {"class": "star", "count": 1, "position": ["left of", 0]}]}
+    square = [box(30, 30, 8, score=0.9), box(2, 30, 8, score=0.5)]  # a weaker square left of every star
+    stars = [box(5, 30, 8, score=0.9), box(55, 30, 8, score=0.8)]  # only the first is left of the top square
+    assert evaluate(None, {"square": square, "star": stars}, meta, None) == (True, "")
+    assert evaluate(None, {"square": square, "star": stars[::-1]}, meta, None) == (
+        False, "expected star left of target, found right of target")
 
 
 def test_thresholds_strictly_above_and_counting_uses_0_9():

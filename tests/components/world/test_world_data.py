@@ -13,7 +13,8 @@ from components.world.defects import QUALITY, quality_defect, semantic_defect, s
 from components.world.detector import ShapesDetector
 from components.world.gedit import CATEGORIES, parse
 from components.world.geneval_prompts import oracle_scene, sample
-from components.world.prompts import NUMBERS, describe
+from components.world.palette import CLASSES
+from components.world.prompts import NUMBERS, describe, plural
 from components.world.render import Obj, Scene, render
 from components.world.understanding import caption, clear_relation, questions
 
@@ -98,6 +99,14 @@ def test_gedit_benchmark_rows(world):
         assert parse(r["instruction"]) == r["edit"]
 
 
+def _named(name: str, objs) -> Obj:
+    """The one object a question names: "circle" (its class is unique) or "red circle"."""
+    words = name.split()
+    found = [o for o in objs if (o.cls == words[-1]) and (len(words) == 1 or o.colour == words[0])]
+    assert len(found) == 1, name
+    return found[0]
+
+
 def test_questions_have_exact_answers():
     rng = np.random.default_rng(5)
     from components.world.render import random_scene
@@ -110,6 +119,13 @@ def test_questions_have_exact_answers():
             objs = scene.objects
             if q == "how many shapes are there?":
                 assert a == NUMBERS[len(objs)]
+            elif kind == "count" and q.endswith(" shapes are there?"):  # "how many red shapes are there?"
+                colour = q.removeprefix("how many ").removesuffix(" shapes are there?")
+                assert a == NUMBERS[sum(o.colour == colour for o in objs)]
+            elif kind == "count":  # "how many circles are there?"
+                word = q.removeprefix("how many ").removesuffix(" are there?")
+                cls = next(c for c in CLASSES if plural(c) == word)
+                assert a == NUMBERS[sum(o.cls == cls for o in objs)]
             elif kind == "colour":
                 cls = q.removeprefix("what colour is the ").removesuffix("?")
                 assert [o.colour for o in objs if o.cls == cls] == [a]
@@ -119,8 +135,10 @@ def test_questions_have_exact_answers():
             elif kind == "existence":
                 colour, cls = q.removeprefix("is there ").removesuffix("?").split()[1:]
                 assert a == ("yes" if any(o.colour == colour and o.cls == cls for o in objs) else "no")
-            elif kind == "position":
-                assert a in ("left of", "right of", "above", "below")
+            elif kind == "position":  # "where is the [colour] circle relative to the [colour] square?"
+                first, second = q.removeprefix("where is the ").removesuffix("?").split(" relative to the ")
+                subject, ref = _named(first, objs), _named(second, objs)
+                assert a in ("left of", "right of", "above", "below") and clear_relation(subject, ref) == a
     assert seen == {"count", "colour", "shape", "position", "existence"}
 
 
