@@ -32,10 +32,12 @@ Target and draft run on static KV caches (``components/models/kv_decoder.py``), 
 through the same :class:`~components.models.kv_decoder.LeanLM` as its own greedy decoding
 (``Understanding.generate``), so a speed-up measured against it is the speculation's alone.
 
-Metrics: τ = accepted drafts per round + 1 (EAGLE's convention), n-α = P(d_n accepted |
-d_1 .. d_{n-1} accepted) over rounds that proposed ``d_n`` (a tree: some depth-n child of the
-accepted path); an accepted ``eos`` ends the
-answer and the round. Everything runs in float32 so greedy verification and the target's
+Metrics: τ = accepted drafts per round + 1 (EAGLE's convention; a round that ends the answer on
+an accepted ``eos`` still counts the +1, though the target's token is not emitted then), n-α =
+P(d_n accepted | d_1 .. d_{n-1} accepted) over rounds that proposed ``d_n`` (a tree: some depth-n
+child of the accepted path). ``d_n`` reads n-1 of the draft's own features, so this n-α is what
+EAGLE calls (n-1)-α; n = 1..10 are the ten positions of a chain of 10. An accepted ``eos`` ends
+the answer and the round. Everything runs in float32 so greedy verification and the target's
 own greedy decoding compute the same argmax.
 """
 
