@@ -213,8 +213,10 @@ def _setup_import(ctx: StageContext) -> TrainState:
                **{k: ckpt.manifest.get(k) for k in ("stage", "profile", "git_sha", "params_hash", "mlflow_run_id",
                                                      "prefect_flow_run_id", "data", "parent")}}
     metrics = ckpt.manifest.get("metrics") or {}
+    # the run that trained it: its training curve becomes this stage's history (the report's curve)
     return TrainState({}, {}, None, extra={"params": p, "teacher": teacher, "imported": lineage,
-                                           "imported_metrics": metrics})
+                                           "imported_metrics": metrics,
+                                           "history": list(ckpt.manifest.get("history") or [])})
 
 
 def _und_rows(world: WorldSets, teacher: Teacher) -> list[tuple[list[int], list[int]]] | None:

@@ -137,14 +137,15 @@ def run_training(stage: Any, ctx: StageContext, reporter: Reporter,
     """Run ``stage`` from step 0, or from the reporter's latest state, to ``params.steps``.
 
     ``state.extra`` gets ``history`` (metrics every ``log_every`` steps, kept across
-    resumes) and ``resumed_from`` (the step training continued from); ``progress`` hears of a
+    resumes, after any history the stage's ``setup`` put there, e.g. an imported model's; steps
+    that return no metrics are not logged) and ``resumed_from`` (the step training continued from); ``progress`` hears of a
     resume as ``(start, steps, {"resumed_from": start})`` before the first step.
     """
     params = ctx.params
     seed_everything(params.seed + 1009 * ctx.rank)
     state = stage.setup(ctx)
     start = 0
-    history: list[dict[str, float]] = []
+    history: list[dict[str, float]] = list(state.extra.get("history", []))
     resume = reporter.resume_dir()
     if resume is not None:
         start, extra = checkpoints.load_train_state(resume, state.modules, state.optimizers)
@@ -160,7 +161,7 @@ def run_training(stage: Any, ctx: StageContext, reporter: Reporter,
         metrics = {k: float(v) for k, v in stage.train_step(state, step).items()}
         done = step + 1
         last = done == params.steps
-        if done % params.log_every == 0 or last:
+        if metrics and (done % params.log_every == 0 or last):
             history.append({"step": done, **metrics})
             if progress is not None:
                 progress(done, params.steps, metrics)

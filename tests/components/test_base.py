@@ -95,7 +95,8 @@ def test_trains_resumes_exports_and_loads(world, tmp_path):
     metrics = base.evaluate(full)
     assert metrics["nfe_t2i"] == 2 * TINY["sample_steps"] and 0 <= metrics["und_heldout_acc"] <= 1
     assert metrics["train_s"] > 0
-    md5 = checkpoints.save_checkpoint(tmp_path / "ckpt", exp.tensors, exp.config, {"stage": "base"}, exp.samples)
+    md5 = checkpoints.save_checkpoint(tmp_path / "ckpt", exp.tensors, exp.config,
+                                     {"stage": "base", "history": full.extra["history"]}, exp.samples)
 
     teacher = Teacher.load(tmp_path / "ckpt", md5)
     img = teacher.generate(["a photo of a red circle"], num_steps=50)
@@ -118,6 +119,8 @@ def test_trains_resumes_exports_and_loads(world, tmp_path):
     again = base.export(imp)
     assert again.config["imported_from"]["md5"] == md5
     assert all(torch.equal(again.tensors[k], v) for k, v in exp.tensors.items())
+    # the training curve is the imported run's (the import's own no-op step logs nothing)
+    assert full.extra["history"] and imp.extra["history"] == full.extra["history"]
     with pytest.raises(checkpoints.ChecksumMismatch):
         run_training(base, StageContext(base.Params(source="import", import_path=str(tmp_path / "ckpt"),
                                                     import_md5="0" * 32 + ".dir", steps=1), None, None),
@@ -145,7 +148,8 @@ def test_pixel_space_x0_generator_trains_every_step_exports_and_loads(world, tmp
     assert gen.cfg.head_channels == 4
     assert list(state.modules["autoencoder"].parameters()) == [] and "ae" not in state.optimizers
     exp = base.export(state)
-    md5 = checkpoints.save_checkpoint(tmp_path / "ckpt", exp.tensors, exp.config, {"stage": "base"}, exp.samples)
+    md5 = checkpoints.save_checkpoint(tmp_path / "ckpt", exp.tensors, exp.config,
+                                     {"stage": "base", "history": full.extra["history"]}, exp.samples)
     teacher = Teacher.load(tmp_path / "ckpt", md5)
     img = teacher.generate(["a photo of a red circle"], num_steps=4)
     assert img.shape == (1, 64, 64, 3)
@@ -168,7 +172,8 @@ def test_object_heads_train_the_encoder_from_the_rows_scenes(world, tmp_path):
     assert len(hist) == TINY["steps"] and all(np.isfinite(h["und_object_loss"]) for h in hist)
     exp = base.export(state)
     assert any(k.startswith("understanding.object_heads.cls") for k in exp.tensors)
-    md5 = checkpoints.save_checkpoint(tmp_path / "ckpt", exp.tensors, exp.config, {"stage": "base"}, exp.samples)
+    md5 = checkpoints.save_checkpoint(tmp_path / "ckpt", exp.tensors, exp.config,
+                                     {"stage": "base", "history": full.extra["history"]}, exp.samples)
     teacher = Teacher.load(tmp_path / "ckpt", md5)
     assert teacher.understanding.cfg.encoder == "cnn" and set(teacher.understanding.object_heads) == {"cls", "colour"}
     for a, b in zip(teacher.understanding.parameters(), und.parameters()):

@@ -1,6 +1,9 @@
+from pathlib import Path
+
 import pytest
 
 from components import config as cfg
+from components.checkpoints import dir_md5
 
 RAW = {
     "pipeline": {},
@@ -40,3 +43,21 @@ def test_profile_override_of_unknown_section_is_refused():
     raw = {**RAW, "profiles": {"smoke": {"tiny_trian": {"steps": 1}}}}
     with pytest.raises(cfg.ConfigError, match="tiny_trian"):
         cfg.resolve_profile(raw, "smoke")
+
+
+REPO = Path(__file__).resolve().parents[2]
+REPO_RAW = cfg.load_yaml(REPO / "params.yaml")
+
+
+@pytest.mark.parametrize("profile", cfg.profile_names(REPO_RAW))
+def test_committed_teacher_matches_its_md5(profile):
+    """A profile whose base stage imports a teacher from a folder of this repository (the default
+    profile's committed teacher) must find that folder with the md5 it names, or a fresh clone's
+    main job stops at the base stage."""
+    base = cfg.resolve_profile(REPO_RAW, profile).get("base") or {}
+    path = str(base.get("import_path") or "")
+    if base.get("source") != "import" or "://" in path or Path(path).is_absolute():
+        pytest.skip(f"profile {profile!r} does not import its teacher from a folder of the repository")
+    folder = REPO / path
+    assert folder.is_dir(), f"{profile}: import_path {path} is not a folder of the repository"
+    assert dir_md5(folder) == base["import_md5"]
