@@ -149,7 +149,7 @@ def test_pixel_space_x0_generator_trains_every_step_exports_and_loads(world, tmp
     assert list(state.modules["autoencoder"].parameters()) == [] and "ae" not in state.optimizers
     exp = base.export(state)
     md5 = checkpoints.save_checkpoint(tmp_path / "ckpt", exp.tensors, exp.config,
-                                     {"stage": "base", "history": full.extra["history"]}, exp.samples)
+                                     {"stage": "base", "history": state.extra["history"]}, exp.samples)
     teacher = Teacher.load(tmp_path / "ckpt", md5)
     img = teacher.generate(["a photo of a red circle"], num_steps=4)
     assert img.shape == (1, 64, 64, 3)
@@ -173,7 +173,7 @@ def test_object_heads_train_the_encoder_from_the_rows_scenes(world, tmp_path):
     exp = base.export(state)
     assert any(k.startswith("understanding.object_heads.cls") for k in exp.tensors)
     md5 = checkpoints.save_checkpoint(tmp_path / "ckpt", exp.tensors, exp.config,
-                                     {"stage": "base", "history": full.extra["history"]}, exp.samples)
+                                     {"stage": "base", "history": state.extra["history"]}, exp.samples)
     teacher = Teacher.load(tmp_path / "ckpt", md5)
     assert teacher.understanding.cfg.encoder == "cnn" and set(teacher.understanding.object_heads) == {"cls", "colour"}
     for a, b in zip(teacher.understanding.parameters(), und.parameters()):
