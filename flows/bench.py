@@ -192,6 +192,19 @@ def _gedit_row(results: dict[str, Any]) -> dict[str, Any]:
     return {lang: {k: results["gedit"][lang][k] for k in ("SC", "PQ", "O")} for lang in results.get("gedit", {})}
 
 
+EVAL_SETTINGS = ("samples", "gedit_scale", "num_steps", "extra_steps")
+
+
+def eval_settings(params: dict[str, Any], stage: str) -> dict[str, Any]:
+    """How an evaluation stage scored its model (images per GenEval prompt, the share of GEdit's
+    per-category counts, the steps): its resolved params over `components.base_eval.Params`' defaults,
+    so a report run on reduced evaluation says so next to its figures."""
+    from components.base_eval import Params as EvalParams
+
+    given = params.get(stage) or {}
+    return {k: given.get(k, EvalParams.model_fields[k].get_default(call_default_factory=True)) for k in EVAL_SETTINGS}
+
+
 def distill6_section(profile: str) -> dict[str, Any]:
     """The 6-NFE path (issue 4): Table 2 and Table 3 from the evaluation stages' results, the NFE
     counted, and the wall-clock speedup of the 6-NFE model against the teacher, both timed here,
@@ -264,6 +277,7 @@ def distill6_section(profile: str) -> dict[str, Any]:
         "nfe": {"t2i": dm.get("nfe_t2i"), "edit": dm.get("nfe_edit"),
                 "teacher_t2i": t.get("nfe_t2i"), "teacher_edit": t.get("nfe_edit")},
         "speedup": speedup, "sample_s": timing,
+        "evaluation": {name: eval_settings(params, name) for name in ev},
         "acceptance": {
             "geneval_drop": round(geneval["teacher"]["overall"] - geneval["dmdo"]["overall"], 4),
             "gedit_O_drop": {lang: round(gedit["teacher"][lang]["O"] - gedit["dmdo"][lang]["O"], 4)

@@ -91,3 +91,15 @@ def test_each_section_records_the_run_that_measured_it(monkeypatch, tmp_path):
     assert {"platform", "cores", "bf16_native"} <= set(report["provenance"]["two"]["machine"])
     md = (tmp_path / "BENCHMARK.md").read_text()
     assert md.count("Measured by `") == 2 and "(smoke profile)" in md and "(default profile)" in md
+
+
+def test_distill6_records_how_each_evaluation_stage_scored():
+    from flows.bench import eval_settings
+
+    params = {"base_eval": {"samples": 1, "gedit_scale": 0.25, "extra_steps": [6]}, "dmdo_eval": {"batch": 16}}
+    assert eval_settings(params, "base_eval") == {"samples": 1, "gedit_scale": 0.25, "num_steps": None,
+                                                  "extra_steps": [6]}
+    # a stage that sets none of them scored at the evaluation's defaults (GenEval's 4 images, all of GEdit)
+    assert eval_settings(params, "dmdo_eval") == {"samples": 4, "gedit_scale": 1.0, "num_steps": None,
+                                                  "extra_steps": []}
+    assert eval_settings({}, "tscd_eval")["samples"] == 4
