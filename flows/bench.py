@@ -197,12 +197,11 @@ EVAL_SETTINGS = ("samples", "gedit_scale", "num_steps", "extra_steps")
 
 def eval_settings(params: dict[str, Any], stage: str) -> dict[str, Any]:
     """How an evaluation stage scored its model (images per GenEval prompt, the share of GEdit's
-    per-category counts, the steps): its resolved params over `components.base_eval.Params`' defaults,
-    so a report run on reduced evaluation says so next to its figures."""
+    per-category counts, the steps), read from its resolved params as the stage itself reads them, so
+    a report run on reduced evaluation says so next to its figures."""
     from components.base_eval import Params as EvalParams
 
-    given = params.get(stage) or {}
-    return {k: given.get(k, EvalParams.model_fields[k].get_default(call_default_factory=True)) for k in EVAL_SETTINGS}
+    return EvalParams.model_validate(params.get(stage) or {}).model_dump(include=set(EVAL_SETTINGS))
 
 
 def distill6_section(profile: str) -> dict[str, Any]:
