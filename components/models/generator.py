@@ -56,9 +56,12 @@ from diffusers.models.normalization import AdaLayerNormContinuous
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
+from components.models.state_key import weights_key
+
 SCALE_EMBEDDINGS = ["text_scale", "image_scale"]  # CFG distillation's two extra embeddings
 TIME_SCALE = 1000.0  # t in [0, 1] and CFG scales are embedded like diffusion timesteps
 FREQ_DIM = 256
+MAX_CONSTANT_EMBEDDINGS = 64  # cached (name, value) scale embeddings; the cache is emptied when full
 
 
 class GeneratorConfig(BaseModel):
@@ -183,7 +186,7 @@ class Generator(nn.Module):
         self.freqs = Timesteps(FREQ_DIM, flip_sin_to_cos=True, downscale_freq_shift=0)
         self.time_embed = scalar_embedder(w, zero_init=False)
         self.extra_embed = nn.ModuleDict({n: scalar_embedder(w, zero_init=True) for n in cfg.extra_embeddings})
-        self._constant_embeddings: dict[str, tuple[tuple, torch.Tensor]] = {}
+        self._constant_embeddings: dict[tuple, tuple[tuple, torch.Tensor]] = {}
         self.text = TextEncoder(cfg)
         self.pool_proj = nn.Linear(w, w)
         # x, the source sample and its presence channel enter as one stack of channels
@@ -238,17 +241,20 @@ class Generator(nn.Module):
 
     def _extra(self, name: str, v: torch.Tensor | float, batch: int, like: torch.Tensor) -> torch.Tensor:
         """An extra embedding; a constant one (a Python number, as a sampler passes the CFG scales)
-        is computed once and reused while no gradient is taken and its weights are unchanged (the
-        key holds the weights' in-place version counters, which optimiser steps, EMA updates and
-        ``load_state_dict`` all advance)."""
+        is computed once per value and reused while no gradient is taken and its weights are unchanged
+        (the key holds the weights' in-place version counters, which optimiser steps, EMA updates and
+        ``load_state_dict`` all advance). One entry per value: an edit's scales switch at the CFG
+        interval's edge (4 / 1.5 above t = 0.4, 1 / 1 below) in every call."""
         emb = self.extra_embed[name]
         if torch.is_grad_enabled() or not isinstance(v, (int, float)):
             return self._embed(emb, v, batch, like)
-        key = (float(v), like.dtype, like.device, torch.is_autocast_enabled(like.device.type),
-               tuple((p.data_ptr(), p._version) for p in emb.parameters()))
-        hit = self._constant_embeddings.get(name)
+        slot = (name, float(v), like.dtype, like.device, torch.is_autocast_enabled(like.device.type))
+        key = weights_key(emb, buffers=False)[1]
+        hit = self._constant_embeddings.get(slot)
         if hit is None or hit[0] != key:
-            hit = self._constant_embeddings[name] = (key, self._embed(emb, v, 1, like))
+            if len(self._constant_embeddings) >= MAX_CONSTANT_EMBEDDINGS:
+                self._constant_embeddings.clear()
+            hit = self._constant_embeddings[slot] = (key, self._embed(emb, v, 1, like))
         return hit[1].expand(batch, -1)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, cond: GenCondition,

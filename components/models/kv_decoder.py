@@ -28,6 +28,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer, Qwen2RotaryEmbedding
 
+from components.models.state_key import weights_key
+
 
 _FUSED: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
 
@@ -36,7 +38,7 @@ def _fused(layer: Qwen2DecoderLayer) -> tuple:
     """The layer's weights as the stack reads them (q/k/v and gate/up concatenated), built once
     and reused while the parameters are unchanged (the key holds their storage and in-place
     version counters, which optimiser steps and ``load_state_dict`` advance)."""
-    key = tuple((p.data_ptr(), p._version) for p in layer.parameters())
+    key = weights_key(layer, buffers=False)[1]
     hit = _FUSED.get(layer)
     if hit is not None and hit[0] == key:
         return hit[1]

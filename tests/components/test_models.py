@@ -157,6 +157,9 @@ def test_constant_scale_embeddings_are_reused_until_the_weights_change():
         assert torch.allclose(g(x, t, as_numbers), ref, atol=1e-6)
         assert computed == [] and all(g._constant_embeddings[k][1] is v for k, v in cached.items())  # the cache
         assert not torch.allclose(g(x, t, GenCondition(cond.text, cond.source).with_scales(2.0, 1.5)), ref)
+        assert len(computed) == 1 and len(g._constant_embeddings) == 3  # a new text scale; the image scale hit
+        # one entry per value: back to 4.0 (as an edit's scales come back above the CFG interval's edge)
+        assert torch.allclose(g(x, t, as_numbers), ref, atol=1e-6) and len(computed) == 1
     # an optimiser step changes the weights in place: the next call recomputes
     opt = torch.optim.SGD(g.extra_embed.parameters(), lr=0.01)
     g(x, t, as_tensors).pow(2).sum().backward()
@@ -441,6 +444,31 @@ def test_lean_decoding_follows_weight_changes():
         after = LeanLM(m.lm, 1, 8).forward(x, torch.arange(5)[None])[0]
         assert not torch.allclose(after, before)
         assert torch.allclose(after, m.lm(inputs_embeds=x).logits, atol=1e-5)
+
+
+def test_weights_key_follows_every_kind_of_weight_change():
+    """The fingerprint caches key on changes when a weight changes in place, is replaced, is assigned
+    new data, or a buffer changes; it stays the same otherwise, and the mode is part of it."""
+    from components.models.state_key import weights_key
+
+    m = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
+    key = weights_key(m)
+    assert weights_key(m) == key
+    assert len(key[1]) == len(list(m.parameters())) + len(list(m.buffers()))
+    assert len(weights_key(m, buffers=False)[1]) == len(list(m.parameters()))
+    changes = [lambda: m[0].weight.add_(1.0),                            # an optimiser step
+               lambda: setattr(m[0], "bias", torch.nn.Parameter(torch.zeros(4))),  # a new tensor
+               lambda: setattr(m[0].weight, "data", m[0].weight.data.clone()),    # new data, same Parameter
+               lambda: m[1].running_mean.add_(1.0),                    # a buffer
+               lambda: m.eval()]                                       # the mode
+    for change in changes:
+        with torch.no_grad():
+            change()
+        assert weights_key(m) != key
+        key = weights_key(m)
+    with torch.no_grad():
+        m[1].running_var.add_(1.0)
+    assert weights_key(m, buffers=False) == weights_key(m, buffers=False)
 
 
 def test_stored_bfloat16_weights_compute_what_autocast_computes_and_follow_weight_changes():
