@@ -204,6 +204,16 @@ def eval_settings(params: dict[str, Any], stage: str) -> dict[str, Any]:
     return EvalParams.model_validate(params.get(stage) or {}).model_dump(include=set(EVAL_SETTINGS))
 
 
+def stage_record(manifest: dict[str, Any]) -> dict[str, Any]:
+    """A training stage's steps and wall time from its manifest, and the step it resumed from when its
+    last run continued a saved run (its ``stage_s`` is then that last run's time, not the training's)."""
+    metrics = manifest.get("metrics") or {}
+    out = {"train_steps": metrics.get("step"), "stage_s": (manifest.get("timing") or {}).get("stage_s")}
+    if metrics.get("resumed_from"):
+        out["resumed_from"] = metrics["resumed_from"]
+    return out
+
+
 def distill6_section(profile: str) -> dict[str, Any]:
     """The 6-NFE path (issue 4): Table 2 and Table 3 from the evaluation stages' results, the NFE
     counted, and the wall-clock speedup of the 6-NFE model against the teacher, both timed here,
@@ -261,8 +271,7 @@ def distill6_section(profile: str) -> dict[str, Any]:
         m = read_json(ws.out_path(stage) / "manifest.json")
         _training_curve(m.get("history") or [], keys, reports / f"{stage}_curve.png")
         images.append(f"distill6/{stage}_curve.png")
-        curves[stage] = {"train_steps": (m.get("metrics") or {}).get("step"),
-                         "stage_s": (m.get("timing") or {}).get("stage_s")}
+        curves[stage] = stage_record(m)
     dm = ev["dmdo_eval"]["metrics"]
     t = ev["base_eval"]["metrics"]
     teacher_dir, student_dir = ws.out_path("base_eval"), ws.out_path("dmdo_eval")

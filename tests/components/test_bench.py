@@ -93,6 +93,16 @@ def test_each_section_records_the_run_that_measured_it(monkeypatch, tmp_path):
     assert md.count("Measured by `") == 2 and "(smoke profile)" in md and "(default profile)" in md
 
 
+def test_a_stage_record_says_when_its_last_run_resumed_a_saved_run():
+    from flows.bench import stage_record
+
+    fresh = {"metrics": {"step": 300.0, "resumed_from": 0.0}, "timing": {"stage_s": 605.8}}
+    assert stage_record(fresh) == {"train_steps": 300.0, "stage_s": 605.8}
+    resumed = {"metrics": {"step": 300.0, "resumed_from": 300.0}, "timing": {"stage_s": 44.0}}
+    assert stage_record(resumed) == {"train_steps": 300.0, "stage_s": 44.0, "resumed_from": 300.0}
+    assert stage_record({}) == {"train_steps": None, "stage_s": None}
+
+
 def test_distill6_records_how_each_evaluation_stage_scored():
     from flows.bench import eval_settings
 
