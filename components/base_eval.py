@@ -213,7 +213,8 @@ def sampling_speed(model: Teacher, batch: int, num_steps: int | None = None, see
     return out
 
 
-def compare_speed(models: dict[str, Teacher], batch: int, repeats: int = 6) -> dict[str, dict[str, float]]:
+def compare_speed(models: dict[str, Teacher], batch: int, repeats: int = 6,
+                  min_seconds: float = 0.0) -> dict[str, dict[str, float]]:
     """Seconds per image of every model (T2I and editing, at ``batch`` and at batch 1, on
     :func:`speed_inputs`) and the NFE counted per image, for a speedup between them.
 
@@ -224,7 +225,11 @@ def compare_speed(models: dict[str, Teacher], batch: int, repeats: int = 6) -> d
     as fit in one call of the slowest (a 6-NFE call lasts ~1/20 of the teacher's). So a change in
     the machine's speed (another tenant, a clock change) falls on both alike, and the best of a few
     short calls, which can catch a quiet instant the long call cannot, does not stand against the
-    best of a few long ones. A model that cannot edit has no editing cells."""
+    best of a few long ones. With ``min_seconds``, a cell takes more than ``repeats`` rounds until it
+    has lasted that long: a batch-1 round lasts ~1 s and a batch-16 one ~6 s, and on a shared machine
+    whose speed drifts by 10-20 % for seconds at a time, the best of 6 one-second samples moved the
+    batch-1 speed-up by as much (17.1x and 20.1x in two back-to-back runs of the same models).
+    A model that cannot edit has no editing cells."""
     timing: dict[str, dict[str, float]] = {name: {} for name in models}
     for task, big in SPEED_CELLS:
         b = batch if big else 1
@@ -235,7 +240,9 @@ def compare_speed(models: dict[str, Teacher], batch: int, repeats: int = 6) -> d
         once = {name: _timed(fn, model)[1] for name, model in able.items()}
         loops = {name: max(1, round(max(once.values()) / t)) for name, t in once.items()}
         best = {name: math.inf for name in able}
-        for _ in range(repeats):
+        start, rounds = time.perf_counter(), 0
+        while rounds < repeats or time.perf_counter() - start < min_seconds:
+            rounds += 1
             for name, model in able.items():
                 t0 = time.perf_counter()
                 for _call in range(loops[name]):

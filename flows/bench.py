@@ -23,6 +23,7 @@ from typing import Any, Callable
 from components.checkpoints import read_json
 
 SPEED_REPEATS = 6  # distill6 and speed: each timing is the best of this many samples, teacher and student alternating
+SPEED_CELL_S = 40.0  # ... and of as many more as fit in this many seconds per task and batch (compare_speed)
 
 
 class PeakRss:
@@ -253,7 +254,7 @@ def distill6_section(profile: str) -> dict[str, Any]:
 
     models = {"teacher": Teacher.load(ws.out_path("base")), "dmdo": Teacher.load(ws.out_path("dmdo"))}
     batch = int((params.get("dmdo_eval") or {}).get("batch", 16))
-    timing = compare_speed(models, batch, repeats=SPEED_REPEATS)
+    timing = compare_speed(models, batch, repeats=SPEED_REPEATS, min_seconds=SPEED_CELL_S)
     speedup = speedups(timing["teacher"], timing["dmdo"], batch)
     reports = find_project() / "reports" / "distill6"
     reports.mkdir(parents=True, exist_ok=True)
@@ -328,11 +329,12 @@ def speed_section(profile: str) -> dict[str, Any]:
                          "`import` the teacher is the imported checkpoint: see the `distill6` section")
     dp = dmdo.Params.model_validate(params.get("dmdo") or {})
     batch = int((params.get("dmdo_eval") or {}).get("batch", 16))
-    timing = compare_speed(untrained_pair(bp, dp.sample_steps, dp.shift), batch, repeats=SPEED_REPEATS)
+    timing = compare_speed(untrained_pair(bp, dp.sample_steps, dp.shift), batch, repeats=SPEED_REPEATS,
+                           min_seconds=SPEED_CELL_S)
     return {"speedup": speedups(timing["teacher"], timing["student"], batch), "sample_s": timing,
             "nfe": {"teacher_t2i": timing["teacher"].get("nfe_t2i"), "teacher_edit": timing["teacher"].get("nfe_edit"),
                     "t2i": timing["student"].get("nfe_t2i"), "edit": timing["student"].get("nfe_edit")},
-            "conditions": {"weights": "random", "batch": batch, "repeats": SPEED_REPEATS,
+            "conditions": {"weights": "random", "batch": batch, "repeats": SPEED_REPEATS, "min_seconds": SPEED_CELL_S,
                            "timing": "alternating samples of about one teacher call each",
                            "bf16_requested": bp.bf16, "generator": {"space": bp.gen_space, "width": bp.gen_width,
                                                                     "depth": bp.gen_depth, "patch": bp.gen_patch}}}
