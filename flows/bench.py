@@ -26,6 +26,12 @@ SPEED_REPEATS = 6  # distill6 and speed: each timing is the best of this many sa
 SPEED_CELL_S = 40.0  # ... and of as many more as fit in this many seconds per task and batch (compare_speed)
 
 
+def speed_cell_s(profile: str) -> float:
+    """Seconds a speed cell samples for: none beyond its rounds in the smoke profile (a check, not a
+    measurement), ``SPEED_CELL_S`` otherwise."""
+    return 0.0 if profile == "smoke" else SPEED_CELL_S
+
+
 class PeakRss:
     """Peak resident memory of this process and all its descendants (Ray workers, DVC, stages)."""
 
@@ -254,7 +260,7 @@ def distill6_section(profile: str) -> dict[str, Any]:
 
     models = {"teacher": Teacher.load(ws.out_path("base")), "dmdo": Teacher.load(ws.out_path("dmdo"))}
     batch = int((params.get("dmdo_eval") or {}).get("batch", 16))
-    timing = compare_speed(models, batch, repeats=SPEED_REPEATS, min_seconds=SPEED_CELL_S)
+    timing = compare_speed(models, batch, repeats=SPEED_REPEATS, min_seconds=speed_cell_s(profile))
     speedup = speedups(timing["teacher"], timing["dmdo"], batch)
     reports = find_project() / "reports" / "distill6"
     reports.mkdir(parents=True, exist_ok=True)
@@ -330,11 +336,11 @@ def speed_section(profile: str) -> dict[str, Any]:
     dp = dmdo.Params.model_validate(params.get("dmdo") or {})
     batch = int((params.get("dmdo_eval") or {}).get("batch", 16))
     timing = compare_speed(untrained_pair(bp, dp.sample_steps, dp.shift), batch, repeats=SPEED_REPEATS,
-                           min_seconds=SPEED_CELL_S)
+                           min_seconds=speed_cell_s(profile))
     return {"speedup": speedups(timing["teacher"], timing["student"], batch), "sample_s": timing,
             "nfe": {"teacher_t2i": timing["teacher"].get("nfe_t2i"), "teacher_edit": timing["teacher"].get("nfe_edit"),
                     "t2i": timing["student"].get("nfe_t2i"), "edit": timing["student"].get("nfe_edit")},
-            "conditions": {"weights": "random", "batch": batch, "repeats": SPEED_REPEATS, "min_seconds": SPEED_CELL_S,
+            "conditions": {"weights": "random", "batch": batch, "repeats": SPEED_REPEATS, "min_seconds": speed_cell_s(profile),
                            "timing": "alternating samples of about one teacher call each",
                            "bf16_requested": bp.bf16, "generator": {"space": bp.gen_space, "width": bp.gen_width,
                                                                     "depth": bp.gen_depth, "patch": bp.gen_patch}}}
