@@ -30,6 +30,7 @@ import math
 import time
 from collections import defaultdict
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -229,7 +230,9 @@ def compare_speed(models: dict[str, Teacher], batch: int, repeats: int = 6,
     has lasted that long: a batch-1 round lasts ~1 s and a batch-16 one ~6 s, and on a shared machine
     whose speed drifts by 10-20 % for seconds at a time, the best of 6 one-second samples moved the
     batch-1 speed-up by as much (17.1x and 20.1x in two back-to-back runs of the same models).
-    A model that cannot edit has no editing cells."""
+    Each round's samples are also kept (``{cell}_rounds_s``, seconds per image): a round's teacher and
+    student samples are seconds apart, so their ratio is paired against the machine's drift
+    (:func:`speedups`). A model that cannot edit has no editing cells."""
     timing: dict[str, dict[str, float]] = {name: {} for name in models}
     for task, big in SPEED_CELLS:
         b = batch if big else 1
@@ -239,17 +242,17 @@ def compare_speed(models: dict[str, Teacher], batch: int, repeats: int = 6,
             continue
         once = {name: _timed(fn, model)[1] for name, model in able.items()}
         loops = {name: max(1, round(max(once.values()) / t)) for name, t in once.items()}
-        best = {name: math.inf for name in able}
-        start, rounds = time.perf_counter(), 0
-        while rounds < repeats or time.perf_counter() - start < min_seconds:
-            rounds += 1
+        samples: dict[str, list[float]] = {name: [] for name in able}
+        start = time.perf_counter()
+        while len(samples[next(iter(able))]) < repeats or time.perf_counter() - start < min_seconds:
             for name, model in able.items():
                 t0 = time.perf_counter()
                 for _call in range(loops[name]):
                     fn(model)
-                best[name] = min(best[name], (time.perf_counter() - t0) / loops[name])
+                samples[name].append((time.perf_counter() - t0) / loops[name] / b)
         for name, model in able.items():
-            timing[name][f"{task}_b{b}_s"] = best[name] / b
+            timing[name][f"{task}_b{b}_s"] = min(samples[name])
+            timing[name][f"{task}_b{b}_rounds_s"] = [round(v, 6) for v in samples[name]]
             timing[name][f"nfe_{task}"] = float(model.last_nfe)
     return timing
 
@@ -282,14 +285,27 @@ def untrained_pair(p: BaseParams, sample_steps: int, shift: float, seed: int = 0
     return {"teacher": teacher, "student": student_model(teacher, gen, sample_steps, shift)}
 
 
-def speedups(slow: dict[str, float], fast: dict[str, float], batch: int) -> dict[str, float]:
-    """``{task_bB: slow / fast}`` for T2I and editing at batch 1 and ``batch``, where both were timed."""
+def speedups(slow: dict[str, Any], fast: dict[str, Any], batch: int) -> dict[str, float]:
+    """``{task_bB: slow / fast}`` for T2I and editing at batch 1 and ``batch``, where both were timed:
+    the median over :func:`compare_speed`'s rounds of the round's paired ratio where both kept their
+    rounds, else the ratio of the two times."""
+    return {cell: round(float(np.median(r)), 2) for cell, r in round_ratios(slow, fast, batch).items()}
+
+
+def speedup_ranges(slow: dict[str, Any], fast: dict[str, Any], batch: int) -> dict[str, list[float]]:
+    """``{task_bB: [lowest, highest]}`` of the rounds' paired ratios (:func:`speedups`)."""
+    return {cell: [round(min(r), 2), round(max(r), 2)] for cell, r in round_ratios(slow, fast, batch).items()}
+
+
+def round_ratios(slow: dict[str, Any], fast: dict[str, Any], batch: int) -> dict[str, list[float]]:
     out = {}
     for task in ("t2i", "edit"):
         for b in (1, batch):
-            k = f"{task}_b{b}_s"
-            if k in slow and k in fast:
-                out[f"{task}_b{b}"] = round(slow[k] / fast[k], 2)
+            k, rk = f"{task}_b{b}_s", f"{task}_b{b}_rounds_s"
+            if rk in slow and rk in fast and len(slow[rk]) == len(fast[rk]):
+                out[f"{task}_b{b}"] = [s / f for s, f in zip(slow[rk], fast[rk])]
+            elif k in slow and k in fast:
+                out[f"{task}_b{b}"] = [slow[k] / fast[k]]
     return out
 
 

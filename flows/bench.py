@@ -211,6 +211,12 @@ def eval_settings(params: dict[str, Any], stage: str) -> dict[str, Any]:
     return EvalParams.model_validate(params.get(stage) or {}).model_dump(include=set(EVAL_SETTINGS))
 
 
+def best_times(timing: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """``compare_speed``'s timing without the per-round samples: each model's best seconds per image
+    and its NFE."""
+    return {name: {k: v for k, v in t.items() if not k.endswith("_rounds_s")} for name, t in timing.items()}
+
+
 def stage_record(manifest: dict[str, Any]) -> dict[str, Any]:
     """A training stage's steps and wall time from its manifest, and the step it resumed from when its
     last run continued a saved run (its ``stage_s`` is then that last run's time, not the training's)."""
@@ -227,7 +233,7 @@ def distill6_section(profile: str) -> dict[str, Any]:
     in this process, in alternation (batch 1 and 16; `compare_speed`)."""
     import shutil
 
-    from components.base_eval import compare_speed, speedups
+    from components.base_eval import compare_speed, speedup_ranges, speedups
     from components.evaluation import paired
     from components.inference import Teacher
     from tasks.project import find_project, workspace
@@ -262,6 +268,7 @@ def distill6_section(profile: str) -> dict[str, Any]:
     batch = int((params.get("dmdo_eval") or {}).get("batch", 16))
     timing = compare_speed(models, batch, repeats=SPEED_REPEATS, min_seconds=speed_cell_s(profile))
     speedup = speedups(timing["teacher"], timing["dmdo"], batch)
+    speedup_range = speedup_ranges(timing["teacher"], timing["dmdo"], batch)
     reports = find_project() / "reports" / "distill6"
     reports.mkdir(parents=True, exist_ok=True)
     images = []
@@ -291,7 +298,7 @@ def distill6_section(profile: str) -> dict[str, Any]:
         "geneval": geneval, "gedit": gedit,
         "nfe": {"t2i": dm.get("nfe_t2i"), "edit": dm.get("nfe_edit"),
                 "teacher_t2i": t.get("nfe_t2i"), "teacher_edit": t.get("nfe_edit")},
-        "speedup": speedup, "sample_s": timing,
+        "speedup": speedup, "speedup_range": speedup_range, "sample_s": best_times(timing),
         "evaluation": {name: eval_settings(params, name) for name in ev},
         "acceptance": {
             "geneval_drop": round(geneval["teacher"]["overall"] - geneval["dmdo"]["overall"], 4),
@@ -325,7 +332,7 @@ def speed_section(profile: str) -> dict[str, Any]:
     process, batch 1 and the `dmdo_eval` batch). Minutes instead of the pipeline's hours; `distill6`
     times the trained checkpoints."""
     from components import base, dmdo
-    from components.base_eval import compare_speed, speedups, untrained_pair
+    from components.base_eval import compare_speed, speedup_ranges, speedups, untrained_pair
     from tasks.project import find_project, workspace
 
     params = workspace(find_project(), profile).resolved_params()
@@ -337,11 +344,13 @@ def speed_section(profile: str) -> dict[str, Any]:
     batch = int((params.get("dmdo_eval") or {}).get("batch", 16))
     timing = compare_speed(untrained_pair(bp, dp.sample_steps, dp.shift), batch, repeats=SPEED_REPEATS,
                            min_seconds=speed_cell_s(profile))
-    return {"speedup": speedups(timing["teacher"], timing["student"], batch), "sample_s": timing,
+    return {"speedup": speedups(timing["teacher"], timing["student"], batch),
+            "speedup_range": speedup_ranges(timing["teacher"], timing["student"], batch), "sample_s": best_times(timing),
             "nfe": {"teacher_t2i": timing["teacher"].get("nfe_t2i"), "teacher_edit": timing["teacher"].get("nfe_edit"),
                     "t2i": timing["student"].get("nfe_t2i"), "edit": timing["student"].get("nfe_edit")},
             "conditions": {"weights": "random", "batch": batch, "repeats": SPEED_REPEATS, "min_seconds": speed_cell_s(profile),
-                           "timing": "alternating samples of about one teacher call each",
+                           "timing": "alternating samples of about one teacher call each; speedup: the median "
+                                     "of the rounds' paired ratios, speedup_range their extremes",
                            "bf16_requested": bp.bf16, "generator": {"space": bp.gen_space, "width": bp.gen_width,
                                                                     "depth": bp.gen_depth, "patch": bp.gen_patch}}}
 

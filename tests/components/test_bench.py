@@ -53,9 +53,10 @@ def test_speed_section_times_teacher_and_student(tiny_profile):
     rep = speed_section("smoke")
     assert rep["nfe"] == {"teacher_t2i": 100.0, "teacher_edit": 132.0, "t2i": 3.0, "edit": 3.0}
     assert set(rep["speedup"]) == {"t2i_b1", "t2i_b2", "edit_b1", "edit_b2"}
-    for k, v in rep["speedup"].items():
-        task, b = k.split("_")
-        assert v == round(rep["sample_s"]["teacher"][f"{task}_{b}_s"] / rep["sample_s"]["student"][f"{task}_{b}_s"], 2)
+    for k, v in rep["speedup"].items():  # the median of the rounds' paired ratios, within their range
+        lo, hi = rep["speedup_range"][k]
+        assert 0 < lo <= v <= hi
+    assert all(not k.endswith("rounds_s") for t in rep["sample_s"].values() for k in t)  # the best times only
     assert rep["conditions"]["weights"] == "random"
     # an imported teacher is not an architecture the section can build
     tiny_profile.params["base"] = {**TINY, "source": "import", "import_path": "x", "import_md5": "0" * 32}
@@ -74,8 +75,11 @@ def test_speed_comparison_times_only_the_tasks_a_model_can_do(monkeypatch):
     monkeypatch.setattr(be, "speed_inputs", lambda: (prompt, src, "make it sparkle"))
     timing = be.compare_speed(pair, batch=2, repeats=1)
     for name in ("teacher", "student"):
-        assert set(timing[name]) == {"t2i_b2_s", "t2i_b1_s", "nfe_t2i"}
-        assert all(v > 0 for v in timing[name].values())
+        assert set(timing[name]) == {"t2i_b2_s", "t2i_b1_s", "nfe_t2i", "t2i_b2_rounds_s", "t2i_b1_rounds_s"}
+        assert all(v > 0 for k, v in timing[name].items() if not k.endswith("rounds_s"))
+        for cell in ("t2i_b1", "t2i_b2"):  # one round (repeats=1); the best is the round's sample
+            assert len(timing[name][f"{cell}_rounds_s"]) == 1
+            assert timing[name][f"{cell}_rounds_s"][0] == pytest.approx(timing[name][f"{cell}_s"], abs=1e-6)
     assert timing["teacher"]["nfe_t2i"] == 100.0 and timing["student"]["nfe_t2i"] == 2.0
 
 
@@ -91,6 +95,23 @@ def test_each_section_records_the_run_that_measured_it(monkeypatch, tmp_path):
     assert {"platform", "cores", "bf16_native"} <= set(report["provenance"]["two"]["machine"])
     md = (tmp_path / "BENCHMARK.md").read_text()
     assert md.count("Measured by `") == 2 and "(smoke profile)" in md and "(default profile)" in md
+
+
+def test_a_speedup_is_the_median_of_the_rounds_paired_ratios():
+    """A round's teacher and student samples are seconds apart: the speed-up pairs them and takes the
+    median, so a slow stretch that fell on one model's best sample does not decide it; without rounds
+    it is the ratio of the two times."""
+    from components.base_eval import speedup_ranges, speedups
+
+    teacher = {"t2i_b1_s": 0.40, "t2i_b1_rounds_s": [0.40, 0.50, 0.60],
+               "edit_b1_s": 0.60}
+    student = {"t2i_b1_s": 0.020, "t2i_b1_rounds_s": [0.025, 0.025, 0.020],
+               "edit_b1_s": 0.030}
+    # paired ratios 16, 20, 30: the median 20; without rounds, the ratio of the times
+    assert speedups(teacher, student, 16) == {"t2i_b1": 20.0, "edit_b1": 20.0}
+    assert speedup_ranges(teacher, student, 16) == {"t2i_b1": [16.0, 30.0], "edit_b1": [20.0, 20.0]}
+    teacher["t2i_b1_rounds_s"] = [0.40, 0.48, 0.60]  # ratios 16, 19.2, 30; the bests' ratio stays 20
+    assert speedups(teacher, student, 16)["t2i_b1"] == 19.2
 
 
 def test_a_stage_record_says_when_its_last_run_resumed_a_saved_run():
