@@ -215,7 +215,7 @@ def sampling_speed(model: Teacher, batch: int, num_steps: int | None = None, see
 
 
 def compare_speed(models: dict[str, Teacher], batch: int, repeats: int = 6,
-                  min_seconds: float = 0.0) -> dict[str, dict[str, float]]:
+                  min_seconds: float = 0.0) -> dict[str, dict[str, Any]]:
     """Seconds per image of every model (T2I and editing, at ``batch`` and at batch 1, on
     :func:`speed_inputs`) and the NFE counted per image, for a speedup between them.
 
