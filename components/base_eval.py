@@ -320,7 +320,7 @@ def run(ctx: StageContext, out_dir: Path) -> dict[str, float]:
         print(f"[{ctx.stage or 'base_eval'}] {msg}", flush=True)
 
     ck = load_checkpoint(ctx.extra["evaluates"])
-    teacher = Teacher.from_parts(ck.config, ck.tensors)
+    teacher = Teacher.from_parts(ck.config, ck.tensors).frozen()  # sampling only
     metrics: dict[str, float] = {"num_steps": float(p.num_steps or teacher.default_steps)}
     results: dict = {"model": {"stage": ck.manifest.get("stage"), "md5": ck.manifest.get("md5"),
                                "sampler": teacher.sampler, "embedded_cfg": teacher.embedded_cfg}}

@@ -264,7 +264,7 @@ def distill6_section(profile: str) -> dict[str, Any]:
     for row in ("cfg_distill", "tscd"):
         gedit[row] = _gedit_row(ev[f"{row}_eval"])
 
-    models = {"teacher": Teacher.load(ws.out_path("base")), "dmdo": Teacher.load(ws.out_path("dmdo"))}
+    models = {"teacher": Teacher.load(ws.out_path("base")).frozen(), "dmdo": Teacher.load(ws.out_path("dmdo")).frozen()}
     batch = int((params.get("dmdo_eval") or {}).get("batch", 16))
     timing = compare_speed(models, batch, repeats=SPEED_REPEATS, min_seconds=speed_cell_s(profile))
     speedup = speedups(timing["teacher"], timing["dmdo"], batch)
@@ -342,7 +342,8 @@ def speed_section(profile: str) -> dict[str, Any]:
                          "`import` the teacher is the imported checkpoint: see the `distill6` section")
     dp = dmdo.Params.model_validate(params.get("dmdo") or {})
     batch = int((params.get("dmdo_eval") or {}).get("batch", 16))
-    timing = compare_speed(untrained_pair(bp, dp.sample_steps, dp.shift), batch, repeats=SPEED_REPEATS,
+    pair = {name: m.frozen() for name, m in untrained_pair(bp, dp.sample_steps, dp.shift).items()}
+    timing = compare_speed(pair, batch, repeats=SPEED_REPEATS,
                            min_seconds=speed_cell_s(profile))
     return {"speedup": speedups(timing["teacher"], timing["student"], batch),
             "speedup_range": speedup_ranges(timing["teacher"], timing["student"], batch), "sample_s": best_times(timing),

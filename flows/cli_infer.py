@@ -47,7 +47,7 @@ def _load(model: str):
     """The teacher of a registered version, from a local md5-verified copy."""
     from components.inference import Teacher
 
-    return Teacher.load(*_checkpoint(model))
+    return Teacher.load(*_checkpoint(model)).frozen()  # sampling only: no per-call weight checks
 
 
 def _read_image(path: Path):

@@ -97,6 +97,37 @@ def test_each_section_records_the_run_that_measured_it(monkeypatch, tmp_path):
     assert md.count("Measured by `") == 2 and "(smoke profile)" in md and "(default profile)" in md
 
 
+def test_a_frozen_model_samples_the_same_images_and_cannot_be_saved():
+    """``Teacher.frozen`` (the CLI's, the evaluations' and the benchmark's models) samples from the parts
+    sampling runs anyway, without re-checking their weights in every call: the same images."""
+    import numpy as np
+
+    from components import sampling
+    from components.base_eval import speed_inputs
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    student = untrained_pair(base.Params(**TINY), sample_steps=2, shift=3.0)["student"]
+    with torch.no_grad():  # away from the zero-initialised output layer, so the generator draws something
+        for p in student.generator.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    prompt, src, instr = speed_inputs()
+    frozen = student.frozen()
+    assert frozen.sampling_only and not student.sampling_only
+    assert frozen.inference_parts() == (frozen.generator, frozen.autoencoder)
+    images = {}
+    for name, model in (("student", student), ("frozen", frozen)):
+        images[name] = (model.generate([prompt, prompt], seed=3), model.edit(src[None], [instr], seed=4),
+                        model.generate([prompt], seed=3, num_steps=3, cfg=sampling.CFG(text_scale=2.0)))
+    for a, b in zip(images["student"], images["frozen"]):
+        assert np.array_equal(a, b)
+    assert frozen.last_nfe == student.last_nfe == 3
+    assert not np.array_equal(images["frozen"][0][0], frozen.generate([prompt], seed=4)[0])  # it does draw
+    with pytest.raises(RuntimeError, match="frozen"):
+        frozen.tensors()
+    assert set(student.tensors())
+
+
 def test_a_speedup_is_the_median_of_the_rounds_paired_ratios():
     """A round's teacher and student samples are seconds apart: the speed-up pairs them and takes the
     median, so a slow stretch that fell on one model's best sample does not decide it; without rounds
