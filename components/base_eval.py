@@ -243,8 +243,9 @@ def compare_speed(models: dict[str, Teacher], batch: int, repeats: int = 6,
         once = {name: _timed(fn, model)[1] for name, model in able.items()}
         loops = {name: max(1, round(max(once.values()) / t)) for name, t in once.items()}
         samples: dict[str, list[float]] = {name: [] for name in able}
-        start = time.perf_counter()
-        while len(samples[next(iter(able))]) < repeats or time.perf_counter() - start < min_seconds:
+        start, rounds = time.perf_counter(), 0
+        while rounds < repeats or time.perf_counter() - start < min_seconds:
+            rounds += 1
             for name, model in able.items():
                 t0 = time.perf_counter()
                 for _call in range(loops[name]):

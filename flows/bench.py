@@ -22,7 +22,7 @@ from typing import Any, Callable
 
 from components.checkpoints import read_json
 
-SPEED_REPEATS = 6  # distill6 and speed: each timing is the best of this many samples, teacher and student alternating
+SPEED_REPEATS = 6  # distill6 and speed: at least this many rounds per task and batch, teacher and student alternating
 SPEED_CELL_S = 40.0  # ... and of as many more as fit in this many seconds per task and batch (compare_speed)
 
 
@@ -211,10 +211,17 @@ def eval_settings(params: dict[str, Any], stage: str) -> dict[str, Any]:
     return EvalParams.model_validate(params.get(stage) or {}).model_dump(include=set(EVAL_SETTINGS))
 
 
-def best_times(timing: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """``compare_speed``'s timing without the per-round samples: each model's best seconds per image
-    and its NFE."""
-    return {name: {k: v for k, v in t.items() if not k.endswith("_rounds_s")} for name, t in timing.items()}
+def timed_speedups(models: dict[str, Any], slow: str, fast: str, batch: int, profile: str) -> dict[str, Any]:
+    """``models`` timed in alternation (``compare_speed``): ``speedup`` of ``fast`` against ``slow`` (the
+    median of the rounds' paired ratios), ``speedup_range`` (their extremes) and ``sample_s`` (each
+    model's best seconds per image and its NFE, without the per-round samples)."""
+    from components.base_eval import compare_speed, speedup_ranges, speedups
+
+    timing = compare_speed(models, batch, repeats=SPEED_REPEATS, min_seconds=speed_cell_s(profile))
+    return {"speedup": speedups(timing[slow], timing[fast], batch),
+            "speedup_range": speedup_ranges(timing[slow], timing[fast], batch),
+            "sample_s": {name: {k: v for k, v in t.items() if not k.endswith("_rounds_s")}
+                         for name, t in timing.items()}}
 
 
 def stage_record(manifest: dict[str, Any]) -> dict[str, Any]:
@@ -233,7 +240,6 @@ def distill6_section(profile: str) -> dict[str, Any]:
     in this process, in alternation (batch 1 and 16; `compare_speed`)."""
     import shutil
 
-    from components.base_eval import compare_speed, speedup_ranges, speedups
     from components.evaluation import paired
     from components.inference import Teacher
     from tasks.project import find_project, workspace
@@ -266,9 +272,7 @@ def distill6_section(profile: str) -> dict[str, Any]:
 
     models = {"teacher": Teacher.load(ws.out_path("base")).frozen(), "dmdo": Teacher.load(ws.out_path("dmdo")).frozen()}
     batch = int((params.get("dmdo_eval") or {}).get("batch", 16))
-    timing = compare_speed(models, batch, repeats=SPEED_REPEATS, min_seconds=speed_cell_s(profile))
-    speedup = speedups(timing["teacher"], timing["dmdo"], batch)
-    speedup_range = speedup_ranges(timing["teacher"], timing["dmdo"], batch)
+    speed = timed_speedups(models, "teacher", "dmdo", batch, profile)
     reports = find_project() / "reports" / "distill6"
     reports.mkdir(parents=True, exist_ok=True)
     images = []
@@ -298,7 +302,7 @@ def distill6_section(profile: str) -> dict[str, Any]:
         "geneval": geneval, "gedit": gedit,
         "nfe": {"t2i": dm.get("nfe_t2i"), "edit": dm.get("nfe_edit"),
                 "teacher_t2i": t.get("nfe_t2i"), "teacher_edit": t.get("nfe_edit")},
-        "speedup": speedup, "speedup_range": speedup_range, "sample_s": best_times(timing),
+        **speed,
         "evaluation": {name: eval_settings(params, name) for name in ev},
         "acceptance": {
             "geneval_drop": round(geneval["teacher"]["overall"] - geneval["dmdo"]["overall"], 4),
@@ -332,7 +336,7 @@ def speed_section(profile: str) -> dict[str, Any]:
     process, batch 1 and the `dmdo_eval` batch). Minutes instead of the pipeline's hours; `distill6`
     times the trained checkpoints."""
     from components import base, dmdo
-    from components.base_eval import compare_speed, speedup_ranges, speedups, untrained_pair
+    from components.base_eval import untrained_pair
     from tasks.project import find_project, workspace
 
     params = workspace(find_project(), profile).resolved_params()
@@ -343,12 +347,11 @@ def speed_section(profile: str) -> dict[str, Any]:
     dp = dmdo.Params.model_validate(params.get("dmdo") or {})
     batch = int((params.get("dmdo_eval") or {}).get("batch", 16))
     pair = {name: m.frozen() for name, m in untrained_pair(bp, dp.sample_steps, dp.shift).items()}
-    timing = compare_speed(pair, batch, repeats=SPEED_REPEATS,
-                           min_seconds=speed_cell_s(profile))
-    return {"speedup": speedups(timing["teacher"], timing["student"], batch),
-            "speedup_range": speedup_ranges(timing["teacher"], timing["student"], batch), "sample_s": best_times(timing),
-            "nfe": {"teacher_t2i": timing["teacher"].get("nfe_t2i"), "teacher_edit": timing["teacher"].get("nfe_edit"),
-                    "t2i": timing["student"].get("nfe_t2i"), "edit": timing["student"].get("nfe_edit")},
+    speed = timed_speedups(pair, "teacher", "student", batch, profile)
+    best = speed["sample_s"]
+    return {**speed,
+            "nfe": {"teacher_t2i": best["teacher"].get("nfe_t2i"), "teacher_edit": best["teacher"].get("nfe_edit"),
+                    "t2i": best["student"].get("nfe_t2i"), "edit": best["student"].get("nfe_edit")},
             "conditions": {"weights": "random", "batch": batch, "repeats": SPEED_REPEATS, "min_seconds": speed_cell_s(profile),
                            "timing": "alternating samples of about one teacher call each; speedup: the median "
                                      "of the rounds' paired ratios, speedup_range their extremes",
