@@ -299,6 +299,8 @@ def speedup_ranges(slow: dict[str, Any], fast: dict[str, Any], batch: int) -> di
 
 
 def round_ratios(slow: dict[str, Any], fast: dict[str, Any], batch: int) -> dict[str, list[float]]:
+    """``{task_bB: [slow / fast per round]}``: paired by round where both kept the same number of rounds
+    (:func:`compare_speed`), else the one ratio of their times."""
     out = {}
     for task in ("t2i", "edit"):
         for b in (1, batch):

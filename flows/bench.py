@@ -352,7 +352,8 @@ def speed_section(profile: str) -> dict[str, Any]:
     return {**speed,
             "nfe": {"teacher_t2i": best["teacher"].get("nfe_t2i"), "teacher_edit": best["teacher"].get("nfe_edit"),
                     "t2i": best["student"].get("nfe_t2i"), "edit": best["student"].get("nfe_edit")},
-            "conditions": {"weights": "random", "batch": batch, "repeats": SPEED_REPEATS, "min_seconds": speed_cell_s(profile),
+            "conditions": {"weights": "random", "batch": batch, "repeats": SPEED_REPEATS,
+                           "min_seconds": speed_cell_s(profile),
                            "timing": "alternating samples of about one teacher call each; speedup: the median "
                                      "of the rounds' paired ratios, speedup_range their extremes",
                            "bf16_requested": bp.bf16, "generator": {"space": bp.gen_space, "width": bp.gen_width,
