@@ -15,6 +15,13 @@
 
 ``source: import`` loads a base checkpoint from ``import_path`` (verified against
 ``import_md5`` before anything reads it) and exports it unchanged, with its lineage.
+``source: finetune`` loads it the same way and trains it further: its architecture, tokenizer
+and autoencoder (frozen: no autoencoder phase) are kept, both experts and the generator's EMA
+start from its weights, ``train_s`` goes on from its own, and the checkpoint names it as its
+parent (``finetuned_from``). With ``lr_schedule: linear`` this is the anneal of a warm-up /
+stable / decay schedule: the full profile's teacher trained at a constant rate, and a short
+linear decay on top of it scored higher on GenEval-shapes and GEdit-shapes (reports/NOTES.md,
+twentieth session).
 Every random draw of a step comes from a generator seeded by (seed, step, rank), so a
 resumed run continues exactly as an uninterrupted one.
 """
@@ -42,16 +49,19 @@ from components.models.tokens import Tokenizer, split
 from components.models.understanding import IGNORE, Understanding, UnderstandingConfig
 from components.world.geneval_prompts import make_prompts
 from components.world.palette import CLASSES, COLOUR_NAMES
-from components.training import (Export, StageContext, TrainParams, TrainState, ema_update, set_lr, step_generator,
-                                 warmup_lr)
+from components.training import (Export, StageContext, TrainParams, TrainState, ema_update, scheduled_lr, set_lr,
+                                 step_generator, warmup_lr)
 
 CALIBRATION_IMAGES = 512
 
 
 class Params(TrainParams):
-    source: Literal["train", "import"] = "train"
-    import_path: str | None = Field(None, description="base checkpoint directory to import")
+    source: Literal["train", "import", "finetune"] = "train"
+    import_path: str | None = Field(None, description="base checkpoint directory to import (or fine-tune)")
     import_md5: str | None = Field(None, description="its DVC directory md5, checked before use")
+    lr_schedule: Literal["constant", "linear"] = Field(
+        "constant", description="both experts' learning rate after the warm-up: constant, or linear: decayed to 0 "
+                                "at the last step (each expert over its own steps)")
 
     steps: int = Field(3000, ge=1)
     batch_size: int = Field(64, ge=1, le=4096, description="generation expert batch")
@@ -120,8 +130,8 @@ class Params(TrainParams):
 
     @model_validator(mode="after")
     def _check(self) -> "Params":
-        if self.source == "import" and not (self.import_path and self.import_md5):
-            raise ValueError("source 'import' needs import_path and import_md5")
+        if self.source in ("import", "finetune") and not (self.import_path and self.import_md5):
+            raise ValueError(f"source {self.source!r} needs import_path and import_md5")
         if self.source == "train" and self.ae_phase >= self.steps:
             raise ValueError(f"ae_steps ({self.ae_steps}) must be below steps ({self.steps})")
         if self.source == "train" and self.gen_space == "latent" and self.ae_steps < 1:
@@ -130,8 +140,8 @@ class Params(TrainParams):
 
     @property
     def ae_phase(self) -> int:
-        """Steps spent on the autoencoder: none in pixel space."""
-        return 0 if self.gen_space == "pixel" else self.ae_steps
+        """Steps spent on the autoencoder: none in pixel space, nor when fine-tuning (it is kept)."""
+        return 0 if self.gen_space == "pixel" or self.source == "finetune" else self.ae_steps
 
 
 class Clock(torch.nn.Module):
@@ -181,15 +191,22 @@ def setup(ctx: StageContext) -> TrainState:
     if ctx.data_dir is None:
         raise ValueError("the base stage trains on the world data; no data directory was given")
     world = load_world(ctx.data_dir, limit=p.data_limit)
-    tok = _tokenizer(world)
-    teacher = build_teacher(p, tok)
+    extra = {}
+    if p.source == "finetune":  # the imported teacher, trained further: its tokenizer, frozen autoencoder and clock
+        teacher, extra["finetuned_from"], manifest = _load_import(ctx)
+        metrics = manifest.get("metrics") or {}
+        teacher.autoencoder.requires_grad_(False)
+    else:
+        teacher, metrics = build_teacher(p, _tokenizer(world)), {}
     ema = Generator(teacher.generator.cfg)
     ema.load_state_dict(teacher.generator.state_dict())
     ema.requires_grad_(False)
-    trainable = teacher.autoencoder.trainable  # the pixel space has no weights
+    trainable = teacher.autoencoder.trainable and p.ae_phase > 0  # the pixel space has no weights
+    clock = Clock()
+    clock.seconds.fill_(float(metrics.get("train_s") or 0.0))  # a fine-tune's time adds to its parent's
     modules = {"autoencoder": ctx.wrap_module(teacher.autoencoder) if trainable else teacher.autoencoder,
                "generator": ctx.wrap_module(teacher.generator),
-               "generator_ema": ema, "understanding": ctx.wrap_module(teacher.understanding), "clock": Clock()}
+               "generator_ema": ema, "understanding": ctx.wrap_module(teacher.understanding), "clock": clock}
     optimizers = {
         "gen": torch.optim.AdamW(modules["generator"].parameters(), lr=p.lr, weight_decay=0.0),
         "und": torch.optim.AdamW(modules["understanding"].parameters(), lr=p.und_lr, weight_decay=0.01),
@@ -198,10 +215,11 @@ def setup(ctx: StageContext) -> TrainState:
         optimizers["ae"] = torch.optim.AdamW(modules["autoencoder"].parameters(), lr=p.ae_lr, weight_decay=0.0)
     data = {"world": world, "gen_text": {}, "und": _und_rows(world, teacher),
             "und_objects": _und_objects(world, teacher)}
-    return TrainState(modules, optimizers, data, extra={"params": p, "rank": ctx.rank, "teacher": teacher})
+    return TrainState(modules, optimizers, data, extra={"params": p, "rank": ctx.rank, "teacher": teacher, **extra})
 
 
-def _setup_import(ctx: StageContext) -> TrainState:
+def _load_import(ctx: StageContext) -> tuple[Teacher, dict, dict]:
+    """The teacher at ``import_path`` (md5-checked before it is read), its lineage and its manifest."""
     p: Params = ctx.params
     path = ctx.extra.get("import") or Path(str(p.import_path))
     if "://" in str(path) or str(path).startswith("models:/"):
@@ -212,11 +230,15 @@ def _setup_import(ctx: StageContext) -> TrainState:
     lineage = {"path": str(p.import_path), "md5": p.import_md5,
                **{k: ckpt.manifest.get(k) for k in ("stage", "profile", "git_sha", "params_hash", "mlflow_run_id",
                                                      "prefect_flow_run_id", "data", "parent")}}
-    metrics = ckpt.manifest.get("metrics") or {}
+    return teacher, lineage, ckpt.manifest
+
+
+def _setup_import(ctx: StageContext) -> TrainState:
+    teacher, lineage, manifest = _load_import(ctx)
     # the run that trained it: its training curve becomes this stage's history (the report's curve)
-    return TrainState({}, {}, None, extra={"params": p, "teacher": teacher, "imported": lineage,
-                                           "imported_metrics": metrics,
-                                           "history": list(ckpt.manifest.get("history") or [])})
+    return TrainState({}, {}, None, extra={"params": ctx.params, "teacher": teacher, "imported": lineage,
+                                           "imported_metrics": manifest.get("metrics") or {},
+                                           "history": list(manifest.get("history") or [])})
 
 
 def _und_rows(world: WorldSets, teacher: Teacher) -> list[tuple[list[int], list[int]]] | None:
@@ -346,7 +368,7 @@ def _gen_step(state: TrainState, step: int, g: torch.Generator) -> dict[str, flo
     noise = torch.randn(x0.shape, generator=g)
     t = sampling.sample_train_t(x0.shape[0], shift=p.train_shift, generator=g)
     model, opt = state.modules["generator"], state.optimizers["gen"]
-    set_lr(opt, warmup_lr(p.lr, step, p.warmup))
+    set_lr(opt, scheduled_lr(p.lr, step, p.warmup, p.steps - p.ae_phase, p.lr_schedule))
     with autocast(p.bf16):
         v = model(sampling.interpolate(x0, noise, t), t, cond)
     loss = F.mse_loss(v.float(), sampling.velocity_target(x0, noise))
@@ -380,7 +402,7 @@ def _und_step(state: TrainState, step: int, g: torch.Generator) -> dict[str, flo
     p: Params = state.extra["params"]
     images, ids, labels, objects = _und_batch(state, g)
     model, opt = state.modules["understanding"], state.optimizers["und"]
-    set_lr(opt, warmup_lr(p.und_lr, step, p.warmup))
+    set_lr(opt, scheduled_lr(p.und_lr, step, p.warmup, math.ceil(p.steps / p.und_every), p.lr_schedule))
     logs = {}
     with autocast(p.bf16):
         if objects is None:
@@ -410,8 +432,9 @@ def final_teacher(state: TrainState) -> Teacher:
 def export(state: TrainState) -> Export:
     teacher = final_teacher(state)
     config = teacher.config()
-    if "imported" in state.extra:
-        config["imported_from"] = state.extra["imported"]
+    for key in ("imported", "finetuned_from"):  # the checkpoint it is, or the one it was trained from
+        if key in state.extra:
+            config["imported_from" if key == "imported" else key] = state.extra[key]
     samples = _samples(state, teacher) if state.data is not None else {}
     return Export(teacher.tensors(), config, samples)
 

@@ -119,6 +119,17 @@ def warmup_lr(base: float, step: int, warmup: int) -> float:
     return base * min(1.0, (step + 1) / max(1, warmup))
 
 
+def scheduled_lr(base: float, step: int, warmup: int, total: int, schedule: str = "constant") -> float:
+    """:func:`warmup_lr`, then ``constant`` (``base``) or ``linear``: decayed in a straight line from
+    ``base`` at step 0 to 0 at step ``total`` (the anneal of a warm-up / stable / decay schedule)."""
+    lr = warmup_lr(base, step, warmup)
+    if schedule == "linear":
+        return lr * max(0.0, 1.0 - step / max(1, total))
+    if schedule != "constant":
+        raise ValueError(f"unknown learning-rate schedule {schedule!r} (constant or linear)")
+    return lr
+
+
 def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
     for group in opt.param_groups:
         group["lr"] = lr

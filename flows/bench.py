@@ -343,7 +343,7 @@ def speed_section(profile: str) -> dict[str, Any]:
     bp = base.Params.model_validate(params.get("base") or {})
     if bp.source != "train":
         raise ValueError("the speed section times the architecture the base stage trains; with source "
-                         "`import` the teacher is the imported checkpoint: see the `distill6` section")
+                         f"`{bp.source}` the teacher is the imported checkpoint's: see the `distill6` section")
     dp = dmdo.Params.model_validate(params.get("dmdo") or {})
     batch = int((params.get("dmdo_eval") or {}).get("batch", 16))
     pair = {name: m.frozen() for name, m in untrained_pair(bp, dp.sample_steps, dp.shift).items()}

@@ -158,7 +158,7 @@ def _run_train(ws, sd, params, lineage, pipeline, c, run_id, manifest, out_dir, 
     run_name = f"{ws.profile}-{sd.name}-{phash[:8]}-{inputs}"
     with tempfile.TemporaryDirectory(prefix=f"{sd.name}-", dir=ws.state) as work:
         extra = {"teacher": ws.out_path(sd.teacher)} if sd.teacher else {}
-        if params.get("source") == "import" and params.get("import_path"):
+        if params.get("source") in ("import", "finetune") and params.get("import_path"):
             extra["import"] = fetch_import(ws, c, str(params["import_path"]), Path(work) / "import")
         res = run_train_stage(
             stage=sd.name, module=sd.module, params=params,

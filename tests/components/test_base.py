@@ -127,6 +127,62 @@ def test_trains_resumes_exports_and_loads(world, tmp_path):
                      LocalReporter(tmp_path / "d"))
 
 
+def test_finetune_continues_an_imported_teacher_with_its_lineage_and_clock(world, tmp_path, monkeypatch):
+    """source finetune: the imported teacher's weights are the start (its autoencoder frozen, no
+    autoencoder phase), training moves the experts, train_s goes on from the parent's, the export
+    names its parent, a resume gives the same weights, and a wrong md5 stops it before training."""
+    torch.set_num_threads(1)
+    parent = run_training(base, ctx(world), LocalReporter(tmp_path / "p"))
+    exp = base.export(parent)
+    parent_s = base.evaluate(parent)["train_s"]
+    md5 = checkpoints.save_checkpoint(tmp_path / "ckpt", exp.tensors, exp.config,
+                                      {"stage": "base", "metrics": {"train_s": parent_s}}, exp.samples)
+    with pytest.raises(ValueError, match="finetune"):
+        base.Params(source="finetune")
+    seen = []
+    real = base.scheduled_lr
+    monkeypatch.setattr(base, "scheduled_lr", lambda *a: seen.append(a) or real(*a))
+    kw = dict(source="finetune", import_path=str(tmp_path / "ckpt"), import_md5=md5, steps=4, lr_schedule="linear",
+              und_every=2)
+    start = base.setup(ctx(world, **kw))
+    assert all(torch.equal(a, b) for a, b in zip(start.modules["generator"].state_dict().values(),
+                                                  exp_sub(exp, "generator").values()))
+    assert "ae" not in start.optimizers and float(start.modules["clock"].seconds) == pytest.approx(parent_s)
+
+    tuned = run_training(base, ctx(world, **kw), LocalReporter(tmp_path / "f"))
+    assert [h["step"] for h in tuned.extra["history"]] == [1, 2, 3, 4]
+    assert "gen_loss" in tuned.extra["history"][0] and "ae_l1" not in tuned.extra["history"][0]
+    # (base rate, steps it decays over, schedule): the generator over 4 steps, the understanding expert over 2
+    assert {(a[0], a[3], a[4]) for a in seen} == {(base.Params().lr, 4, "linear"), (base.Params().und_lr, 2, "linear")}
+    out = base.export(tuned)
+    assert out.config["finetuned_from"]["md5"] == md5 and "imported_from" not in out.config
+    for k, v in exp.tensors.items():  # the autoencoder is the parent's; the experts moved
+        if k.startswith("autoencoder."):
+            assert torch.equal(out.tensors[k], v), k
+    moved = [k for k, v in exp.tensors.items() if k.startswith(("generator.", "understanding.")) and
+             not torch.equal(out.tensors[k], v)]
+    assert moved
+    assert base.evaluate(tuned)["train_s"] > parent_s
+
+    # interrupted at step 2 and resumed: the same weights as without the interruption (a constant rate, as
+    # the interruption is made by running 2 of the steps, and a linear decay depends on the steps asked for)
+    const = {**kw, "lr_schedule": "constant"}
+    whole = run_training(base, ctx(world, **const), LocalReporter(tmp_path / "w"))
+    rep = LocalReporter(tmp_path / "r")
+    run_training(base, ctx(world, **{**const, "steps": 2}), rep)
+    resumed = run_training(base, ctx(world, **const), rep)
+    assert resumed.extra["resumed_from"] == 2
+    for name in ("generator", "generator_ema", "understanding"):
+        for a, b in zip(whole.modules[name].state_dict().values(), resumed.modules[name].state_dict().values()):
+            assert torch.allclose(a.float(), b.float(), atol=1e-6), name
+    with pytest.raises(checkpoints.ChecksumMismatch):
+        run_training(base, ctx(world, **{**kw, "import_md5": "0" * 32 + ".dir"}), LocalReporter(tmp_path / "x"))
+
+
+def exp_sub(exp, name: str) -> dict[str, torch.Tensor]:
+    return checkpoints.sub_state(exp.tensors, name)
+
+
 @pytest.mark.parametrize("factor,patch", [(1, 8), (2, 4)])
 def test_pixel_space_x0_generator_trains_every_step_exports_and_loads(world, tmp_path, factor, patch):
     """gen_space pixel: no autoencoder phase, the generator draws RGB (at 64 / factor per side) and

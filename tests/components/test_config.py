@@ -56,7 +56,7 @@ def test_committed_teacher_matches_its_md5(profile):
     main job stops at the base stage."""
     base = cfg.resolve_profile(REPO_RAW, profile).get("base") or {}
     path = str(base.get("import_path") or "")
-    if base.get("source") != "import" or "://" in path or Path(path).is_absolute():
+    if base.get("source") not in ("import", "finetune") or "://" in path or Path(path).is_absolute():
         pytest.skip(f"profile {profile!r} does not import its teacher from a folder of the repository")
     folder = REPO / path
     assert folder.is_dir(), f"{profile}: import_path {path} is not a folder of the repository"

@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from components.training import LocalReporter, StageContext, run_training
@@ -23,3 +24,15 @@ def test_resume_continues_to_the_same_result(tmp_path):
     for a, b in zip(full.modules["model"].parameters(), resumed.modules["model"].parameters()):
         assert torch.allclose(a, b, atol=1e-6)
     assert [h["step"] for h in resumed.extra["history"]] == [5, 10, 15, 20]
+
+
+def test_scheduled_lr_warms_up_then_holds_or_decays_linearly_to_zero():
+    from components.training import scheduled_lr, warmup_lr
+
+    assert [scheduled_lr(1.0, s, 4, 10) for s in range(10)] == [warmup_lr(1.0, s, 4) for s in range(10)]
+    lin = [scheduled_lr(1.0, s, 0, 10, "linear") for s in range(11)]
+    assert lin[0] == 1.0 and lin[5] == pytest.approx(0.5) and lin[10] == 0.0
+    assert all(a > b for a, b in zip(lin, lin[1:]))
+    assert scheduled_lr(1.0, 1, 4, 10, "linear") == pytest.approx(0.5 * 0.9)  # warm-up and decay multiply
+    with pytest.raises(ValueError, match="cosine"):
+        scheduled_lr(1.0, 0, 0, 10, "cosine")
