@@ -195,7 +195,6 @@ def setup(ctx: StageContext) -> TrainState:
     if p.source == "finetune":  # the imported teacher, trained further: its tokenizer, frozen autoencoder and clock
         teacher, extra["finetuned_from"], manifest = _load_import(ctx)
         metrics = manifest.get("metrics") or {}
-        teacher.autoencoder.requires_grad_(False)
     else:
         teacher, metrics = build_teacher(p, _tokenizer(world)), {}
     ema = Generator(teacher.generator.cfg)
@@ -432,9 +431,10 @@ def final_teacher(state: TrainState) -> Teacher:
 def export(state: TrainState) -> Export:
     teacher = final_teacher(state)
     config = teacher.config()
-    for key in ("imported", "finetuned_from"):  # the checkpoint it is, or the one it was trained from
-        if key in state.extra:
-            config["imported_from" if key == "imported" else key] = state.extra[key]
+    # the checkpoint it is, or the one it was trained from
+    for extra_key, config_key in (("imported", "imported_from"), ("finetuned_from", "finetuned_from")):
+        if extra_key in state.extra:
+            config[config_key] = state.extra[extra_key]
     samples = _samples(state, teacher) if state.data is not None else {}
     return Export(teacher.tensors(), config, samples)
 

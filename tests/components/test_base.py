@@ -146,7 +146,7 @@ def test_finetune_continues_an_imported_teacher_with_its_lineage_and_clock(world
               und_every=2)
     start = base.setup(ctx(world, **kw))
     assert all(torch.equal(a, b) for a, b in zip(start.modules["generator"].state_dict().values(),
-                                                  exp_sub(exp, "generator").values()))
+                                                  checkpoints.sub_state(exp.tensors, "generator").values()))
     assert "ae" not in start.optimizers and float(start.modules["clock"].seconds) == pytest.approx(parent_s)
 
     tuned = run_training(base, ctx(world, **kw), LocalReporter(tmp_path / "f"))
@@ -177,10 +177,6 @@ def test_finetune_continues_an_imported_teacher_with_its_lineage_and_clock(world
             assert torch.allclose(a.float(), b.float(), atol=1e-6), name
     with pytest.raises(checkpoints.ChecksumMismatch):
         run_training(base, ctx(world, **{**kw, "import_md5": "0" * 32 + ".dir"}), LocalReporter(tmp_path / "x"))
-
-
-def exp_sub(exp, name: str) -> dict[str, torch.Tensor]:
-    return checkpoints.sub_state(exp.tensors, name)
 
 
 @pytest.mark.parametrize("factor,patch", [(1, 8), (2, 4)])
