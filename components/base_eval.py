@@ -39,13 +39,14 @@ from pydantic import BaseModel, ConfigDict, Field
 from components import sampling
 from components.base import Params as BaseParams
 from components.base import answer_accuracy, build_teacher
-from components.base_data import load_world
+from components.base_data import CAPTION_PROMPT, load_world
 from components.checkpoints import load_checkpoint
 from components.evaluation import geneval
 from components.evaluation.gedit_judge import ShapesJudge
 from components.evaluation.text_reading import DEFAULT_T, LAYOUT_T, text_gains
 from components.gen_data import images_to_unit
 from components.distill import student_model
+from components.draft import heldout_rows
 from components.inference import InputError, Teacher, autocast
 from components.models.generator import SCALE_EMBEDDINGS, GenCondition, Generator
 from components.models.tokens import Tokenizer
@@ -65,7 +66,8 @@ class Params(BaseModel):
     geneval_per_tag: int = Field(100, ge=1, description="prompts drawn per tag before de-duplication")
     samples: int = Field(4, ge=1, description="images per GenEval prompt (GenEval: 4)")
     gedit_scale: float = Field(1.0, gt=0, le=1, description="share of GEdit's per-category counts")
-    und_rows: int = Field(512, ge=0, description="held-out Q&A rows scored")
+    und_rows: int = Field(512, ge=0, description="held-out Q&A rows scored: the world's held-out questions, "
+                                                "then questions about fresh scenes (components/draft.heldout_rows)")
     num_steps: int | None = Field(None, ge=1, description="Euler steps (null: the model's own; BAGEL: 50)")
     extra_steps: list[int] = Field(default_factory=list, description="GenEval-only rows at these step counts")
     gedit: bool = Field(True, description="score GEdit-shapes EN and CN")
@@ -270,6 +272,20 @@ def text_reading(teacher: Teacher, rows, t_values=DEFAULT_T) -> dict[float, dict
                           list(rows.texts), t_values, known=set(teacher.tokenizer.tokens()))
 
 
+def understanding_rows(world, n: int, teacher: Teacher, seed: int = 0):
+    """``n`` held-out questions: the world's held-out Q&A (a few percent of its rows: 90 in the
+    default world), then questions about fresh scenes of the world's generator that no world image
+    equals and whose words the teacher's tokenizer knows (the draft's held-out prompts, captions
+    left out). Deterministic; a smaller ``n`` gives a prefix."""
+    total = n
+    while True:
+        rows = heldout_rows(world, total, seed, teacher)
+        qa = [i for i, q in enumerate(rows.texts) if q != CAPTION_PROMPT]
+        if len(qa) >= n:
+            return rows.subset(qa[:n])
+        total += (n - len(qa)) * 5 // 4 + 1  # fresh prompts are captions one in five
+
+
 def untrained_pair(p: BaseParams, sample_steps: int, shift: float, seed: int = 0) -> dict[str, Teacher]:
     """``{"teacher": ..., "student": ...}`` with random weights: the teacher that base parameters ``p``
     train, and a CFG-distilled student of its generator (scale embeddings, ``sample_steps`` passes).
@@ -351,9 +367,10 @@ def run(ctx: StageContext, out_dir: Path) -> dict[str, float]:
             for k in ("SC", "PQ", "O"):
                 metrics[f"gedit_{lang}_{k}"] = s[k]
 
-    held = load_world(ctx.data_dir).und_heldout if p.und_rows else None
-    if held is not None:
-        metrics["understanding_accuracy"] = answer_accuracy(teacher, held, p.und_rows, batch=p.batch)
+    if p.und_rows:
+        questions = understanding_rows(load_world(ctx.data_dir), p.und_rows, teacher, p.seed)
+        metrics["understanding_accuracy"] = answer_accuracy(teacher, questions, p.und_rows, batch=p.batch)
+        metrics["understanding_rows"] = float(len(questions))
     else:
         metrics["understanding_accuracy"] = math.nan
 

@@ -114,6 +114,29 @@ def test_heldout_prompts_are_ones_the_teacher_can_read(setup_dirs):  # noqa: F81
     assert len(rows) == 60 and all(readable(t) for t in rows.texts)
 
 
+def test_understanding_rows_are_the_worlds_held_out_questions_then_fresh_ones(setup_dirs):  # noqa: F811
+    from components.base_eval import understanding_rows
+    from components.inference import Teacher
+
+    world_dir, ckpt = setup_dirs
+    teacher, world = Teacher.load(ckpt), load_world(world_dir)
+    held = world.und_heldout
+    held_qa = [i for i, q in enumerate(held.texts) if q != CAPTION_PROMPT] if held is not None else []
+    n = len(held_qa) + 25
+    rows = understanding_rows(world, n, teacher)
+    assert len(rows) == n and len(rows.answers) == n
+    assert CAPTION_PROMPT not in rows.texts  # questions only: captions are not exact-answer rows
+    assert rows.texts[:len(held_qa)] == [held.texts[i] for i in held_qa]
+    assert rows.answers[:len(held_qa)] == [held.answers[i] for i in held_qa]
+    fresh = rows.images[len(held_qa):].permute(0, 2, 3, 1).numpy()
+    training = set().union(*(_keys(r) for r in (world.t2i, world.edit, world.und_train, world.und_heldout)))
+    assert not {image_key(x) for x in fresh} & training
+    for q in rows.texts:
+        teacher.prompt_ids(q)  # every question is in the teacher's vocabulary (raises InputError otherwise)
+    small = understanding_rows(world, n - 10, teacher)
+    assert small.texts == rows.texts[:n - 10] and torch.equal(small.images, rows.images[:n - 10])
+
+
 class _Workspace:
     """The three things the report section reads from a profile's workspace."""
 
