@@ -39,7 +39,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from components import sampling
 from components.base import Params as BaseParams
 from components.base import answer_accuracy, build_teacher
-from components.base_data import CAPTION_PROMPT, load_world
+from components.base_data import CAPTION_PROMPT, Rows, WorldSets, load_world
 from components.checkpoints import load_checkpoint
 from components.evaluation import geneval
 from components.evaluation.gedit_judge import ShapesJudge
@@ -52,6 +52,7 @@ from components.models.generator import SCALE_EMBEDDINGS, GenCondition, Generato
 from components.models.tokens import Tokenizer
 from components.training import StageContext
 from components.world import gedit, geneval_prompts
+from components.world.heldout import CAPTION_EVERY
 from components.world.render import render
 
 
@@ -272,18 +273,18 @@ def text_reading(teacher: Teacher, rows, t_values=DEFAULT_T) -> dict[float, dict
                           list(rows.texts), t_values, known=set(teacher.tokenizer.tokens()))
 
 
-def understanding_rows(world, n: int, teacher: Teacher, seed: int = 0):
+def understanding_rows(world: WorldSets, n: int, teacher: Teacher, seed: int = 0) -> Rows:
     """``n`` held-out questions: the world's held-out Q&A (a few percent of its rows: 90 in the
     default world), then questions about fresh scenes of the world's generator that no world image
     equals and whose words the teacher's tokenizer knows (the draft's held-out prompts, captions
     left out). Deterministic; a smaller ``n`` gives a prefix."""
-    total = n
-    while True:
-        rows = heldout_rows(world, total, seed, teacher)
-        qa = [i for i, q in enumerate(rows.texts) if q != CAPTION_PROMPT]
-        if len(qa) >= n:
-            return rows.subset(qa[:n])
-        total += (n - len(qa)) * 5 // 4 + 1  # fresh prompts are captions one in five
+    held = world.und_heldout
+    held_texts = held.texts if held is not None else []
+    missing = max(n - sum(q != CAPTION_PROMPT for q in held_texts), 0)
+    # fresh prompt i is a caption when i % CAPTION_EVERY is the last slot: one call fetches enough questions
+    fresh = missing + (missing - 1) // (CAPTION_EVERY - 1) if missing else 0
+    rows = heldout_rows(world, len(held_texts) + fresh, seed, teacher)
+    return rows.subset([i for i, q in enumerate(rows.texts) if q != CAPTION_PROMPT][:n])
 
 
 def untrained_pair(p: BaseParams, sample_steps: int, shift: float, seed: int = 0) -> dict[str, Teacher]:
