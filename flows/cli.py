@@ -12,16 +12,16 @@ from pathlib import Path
 from typing import List, Optional
 
 import typer
-from rich.console import Console
 from rich.table import Table
+
+from flows.console import console, err
+from flows.console import fail as _fail
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Hyper-Bagel distillation pipeline: Prefect flows running Ray Train stages over "
                        "DVC-versioned checkpoints, tracked in MLflow.")
 stage_app = typer.Typer(no_args_is_help=True, help="Run or inspect single stages (dvc.yaml calls `stage exec`).")
 app.add_typer(stage_app, name="stage")
-console = Console()
-err = Console(stderr=True, soft_wrap=True)  # error lines stay whole (greppable)
 
 
 def _known_errors() -> tuple[type[BaseException], ...]:
@@ -42,9 +42,6 @@ def _known_errors() -> tuple[type[BaseException], ...]:
     return tuple(errors)
 
 
-def _fail(e: BaseException) -> None:
-    err.print(f"[bold red]error:[/] {e}", markup=True, highlight=False)
-    raise typer.Exit(2)
 
 
 def setup_environment(project: Path | None = None) -> Path:

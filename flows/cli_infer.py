@@ -11,14 +11,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
-from rich.console import Console
 
-err = Console(stderr=True, soft_wrap=True)  # error lines stay whole (greppable)
-
-
-def _fail(message: str) -> None:
-    err.print(f"[bold red]error:[/] {message}", markup=True, highlight=False)
-    raise typer.Exit(2)
+from flows.console import err
+from flows.console import fail as _fail
 
 
 def _checkpoint(model: str):

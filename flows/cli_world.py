@@ -11,12 +11,12 @@ from pathlib import Path
 from typing import List, Optional
 
 import typer
-from rich.console import Console
+
+from flows.console import console, err
+from flows.console import fail as _fail
 
 eval_app = typer.Typer(no_args_is_help=True, help="Score generated images with GenEval-/GEdit-shapes.")
 world_app = typer.Typer(no_args_is_help=True, help="Look at the shapes world.")
-console = Console()
-err = Console(stderr=True, soft_wrap=True)  # error lines stay whole (greppable)
 
 
 @world_app.callback()
@@ -24,9 +24,6 @@ def _world() -> None:
     """Look at the shapes world."""
 
 
-def _fail(e: BaseException) -> None:
-    err.print(f"[bold red]error:[/] {e}", markup=True, highlight=False)
-    raise typer.Exit(2)
 
 
 def _options(pairs: list[str]):
