@@ -42,8 +42,6 @@ def _known_errors() -> tuple[type[BaseException], ...]:
     return tuple(errors)
 
 
-
-
 def setup_environment(project: Path | None = None) -> Path:
     """Embedded defaults: every piece of state in the project's state folder unless configured."""
     from tasks.project import find_project, state_dir

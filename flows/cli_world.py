@@ -24,8 +24,6 @@ def _world() -> None:
     """Look at the shapes world."""
 
 
-
-
 def _options(pairs: list[str]):
     from components.evaluation.geneval import Options
 
