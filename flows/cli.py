@@ -14,8 +14,7 @@ from typing import List, Optional
 import typer
 from rich.table import Table
 
-from flows.console import console, err
-from flows.console import fail as _fail
+from flows.console import console, err, fail as _fail
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Hyper-Bagel distillation pipeline: Prefect flows running Ray Train stages over "

@@ -12,8 +12,7 @@ from pathlib import Path
 
 import typer
 
-from flows.console import err
-from flows.console import fail as _fail
+from flows.console import err, fail as _fail
 
 
 def _checkpoint(model: str):

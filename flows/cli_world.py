@@ -12,8 +12,7 @@ from typing import List, Optional
 
 import typer
 
-from flows.console import console, err
-from flows.console import fail as _fail
+from flows.console import console, err, fail as _fail
 
 eval_app = typer.Typer(no_args_is_help=True, help="Score generated images with GenEval-/GEdit-shapes.")
 world_app = typer.Typer(no_args_is_help=True, help="Look at the shapes world.")

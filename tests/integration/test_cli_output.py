@@ -25,8 +25,8 @@ def _print_table(columns: str | None) -> str:
     env = {k: v for k, v in os.environ.items() if k != "COLUMNS"}
     if columns:
         env["COLUMNS"] = columns
-    r = subprocess.run([sys.executable, "-c", PRINT_TABLE], capture_output=True, text=True, env=env, timeout=60,
-                       cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+    # the project is on PYTHONPATH (tests/conftest.py), so the child imports flows.console from anywhere
+    r = subprocess.run([sys.executable, "-c", PRINT_TABLE], capture_output=True, text=True, env=env, timeout=60)
     assert r.returncode == 0, r.stderr
     return r.stdout
 
