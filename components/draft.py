@@ -322,6 +322,15 @@ def load_draft(path, target: Understanding | None = None, expected_md5: str | No
 KIND_QA, KIND_CAPTION = "qa", "caption"  # the held-out prompts' kinds, figures per kind as ``<metric>_<kind>``
 
 
+def heldout_inputs(world: WorldSets, teacher: Teacher, n: int, seed: int = 0
+                   ) -> tuple[torch.Tensor, list[list[int]], list[str]]:
+    """The first ``n`` held-out prompts (:func:`heldout_rows`) as decoding takes them: the images in
+    [-1, 1], the prompt ids ending in ``sep`` and each prompt's kind (``KIND_QA`` or ``KIND_CAPTION``)."""
+    held = heldout_rows(world, n, seed, teacher)
+    kinds = [KIND_CAPTION if q == CAPTION_PROMPT else KIND_QA for q in held.texts]
+    return _images(held.images), [teacher.prompt_ids(q) for q in held.texts], kinds
+
+
 def evaluate(state: TrainState) -> dict[str, float]:
     """Greedy speculative decoding of ``eval_prompts`` held-out Q&A and caption prompts at batch 1
     (:func:`heldout_rows`), overall and per kind (``tau_caption``, ``speedup_qa``, ...)."""
@@ -330,14 +339,11 @@ def evaluate(state: TrainState) -> dict[str, float]:
     if not p.eval_prompts:
         return out
     world: WorldSets = state.data["world"]
-    teacher: Teacher = state.extra["teacher"]
-    held = heldout_rows(world, p.eval_prompts, p.seed, teacher)
-    prompts = [teacher.prompt_ids(q) for q in held.texts]
-    kinds = [KIND_CAPTION if q == CAPTION_PROMPT else KIND_QA for q in held.texts]
+    images, prompts, kinds = heldout_inputs(world, state.extra["teacher"], p.eval_prompts, p.seed)
     res = speculative.benchmark(state.extra["target"], _raw(state.modules["draft"]).eval(),
-                                _images(held.images), prompts, p.max_new_tokens, p.chain, p.stop_below,
+                                images, prompts, p.max_new_tokens, p.chain, p.stop_below,
                                 p.delay, kinds, p.tree_topk, p.tree_nodes)
-    out["heldout_world"] = float(min(len(held), len(world.und_heldout) if world.und_heldout is not None else 0))
-    out["heldout_fresh"] = float(len(held) - out["heldout_world"])
+    out["heldout_world"] = float(min(len(prompts), len(world.und_heldout) if world.und_heldout is not None else 0))
+    out["heldout_fresh"] = float(len(prompts) - out["heldout_world"])
     out.update({k2: v for k2, v in res.metrics().items() if not (isinstance(v, float) and math.isnan(v))})
     return out

@@ -62,9 +62,7 @@ def run_ablation(params: draft.Params, base_dir: Path, data_dir: Path, work_dir:
     base = params.model_dump()
     base.update(steps=steps, checkpoint_every=steps, log_every=max(1, min(params.log_every, steps)))
     inputs = draft.load_inputs(StageContext(draft.Params.model_validate(base), Path(data_dir), Path(base_dir)))
-    held = draft.heldout_rows(inputs.world, n, params.seed, inputs.teacher)
-    ids = [inputs.teacher.prompt_ids(q) for q in held.texts]
-    images = held.images.float() / 127.5 - 1.0
+    images, ids, _kinds = draft.heldout_inputs(inputs.world, inputs.teacher, n, params.seed)
     stage = _SharedStage(inputs)
     out: dict[str, dict] = {}
     for v in variants:

@@ -191,9 +191,16 @@ def _chain_round(lean: LeanLM, drafter: DraftDecoder, s: _Sampler, h: torch.Tens
             break
         if i + 1 < k:
             h = drafter.step(h, drafter.embed(torch.tensor([[d]])), torch.tensor([n + i]))
-    # verify [x, d_1 .. d_k] at positions n .. n+k
+    return _verify_chain(lean, s, x, drafts, q, n, eos)
+
+
+def _verify_chain(lean: LeanLM, s: _Sampler, x: int, drafts: list[int], q: list[torch.Tensor], n: int, eos: int,
+                  hidden: bool = True):
+    """Verify ``[x, d_1 .. d_k]`` at positions ``n .. n+k`` in one target forward: greedily, or by the
+    accept/reject rule with the drafts' distributions ``q``. Returns what :func:`_chain_round` returns
+    (``hidden`` False: no target states, for a decoder without a draft to feed them to)."""
     tl, vstates = lean.forward(lean.embed(torch.tensor([[x] + drafts])), torch.arange(n, n + len(drafts) + 1)[None],
-                               hidden=True)
+                               hidden=hidden)
     tl = tl[0]
     best = tl.argmax(-1).tolist() if s.greedy else []
     outcomes: list[bool] = []
@@ -379,7 +386,8 @@ def benchmark(target: Understanding, draft: Draft, images: torch.Tensor, prompts
     draft.eval()
     if tree_topk and tree_nodes < 1:
         raise ValueError("a token tree needs tree_nodes >= 1")
-    rows, tree_rows = [], []  # (kind, answer tokens, target s, speculative s, identical, result)
+    rows: list[Row] = []
+    tree_rows: list[Row] = []
     for i, prompt in enumerate(prompts):
         img = images[i:i + 1]
         t0 = time.perf_counter()
@@ -394,26 +402,87 @@ def benchmark(target: Understanding, draft: Draft, images: torch.Tensor, prompts
                           tree_nodes=tree_nodes)
             tree_rows.append((kind, len(ref), t1 - t0, time.perf_counter() - t2, tr.tokens == ref, tr))
 
-    def figures(sel: list) -> dict:
-        tokens = sum(r[1] for r in sel)
-        tps = {"target": tokens / max(sum(r[2] for r in sel), 1e-9),
-               "speculative": tokens / max(sum(r[3] for r in sel), 1e-9)}
-        return {"n_prompts": len(sel), "tokens": tokens,
-                "identical_fraction": sum(r[4] for r in sel) / max(len(sel), 1), "tau": tau([r[5] for r in sel]),
-                "tokens_per_s": tps, "speedup": tps["speculative"] / max(tps["target"], 1e-9)}
-
-    def split(sel: list) -> dict:
-        if not kinds:
-            return {}
-        return {kind: figures([r for r in sel if r[0] == kind]) for kind in sorted({r[0] for r in sel})}
-
-    a = figures(rows)
     tree = {}
     if tree_topk:
-        tree = {"topk": tree_topk, "nodes": tree_nodes, "depth": chain, **figures(tree_rows),
-                "alpha": alphas([r[5] for r in tree_rows], chain), "by_kind": split(tree_rows)}
+        tree = {"topk": tree_topk, "nodes": tree_nodes, "depth": chain, **_figures(tree_rows),
+                "alpha": alphas([r[5] for r in tree_rows], chain), "by_kind": _by_kind(tree_rows, kinds)}
+    return _benchmark(rows, kinds, chain, tree)
+
+
+# a decoded prompt: (kind, answer tokens, target s, speculative s, identical, SpecResult)
+Row = tuple[str, int, float, float, bool, SpecResult]
+
+
+def _figures(sel: list[Row]) -> dict:
+    tokens = sum(r[1] for r in sel)
+    tps = {"target": tokens / max(sum(r[2] for r in sel), 1e-9),
+           "speculative": tokens / max(sum(r[3] for r in sel), 1e-9)}
+    return {"n_prompts": len(sel), "tokens": tokens,
+            "identical_fraction": sum(r[4] for r in sel) / max(len(sel), 1), "tau": tau([r[5] for r in sel]),
+            "tokens_per_s": tps, "speedup": tps["speculative"] / max(tps["target"], 1e-9)}
+
+
+def _by_kind(sel: list[Row], kinds: list[str] | None) -> dict:
+    if not kinds:
+        return {}
+    return {kind: _figures([r for r in sel if r[0] == kind]) for kind in sorted({r[0] for r in sel})}
+
+
+def _benchmark(rows: list[Row], kinds: list[str] | None, chain: int, tree: dict | None = None) -> Benchmark:
+    a = _figures(rows)
     return Benchmark(a["n_prompts"], a["identical_fraction"], a["tau"], alphas([r[5] for r in rows], chain),
-                     a["tokens_per_s"], a["speedup"], a["tokens"], split(rows), tree)
+                     a["tokens_per_s"], a["speedup"], a["tokens"], _by_kind(rows, kinds), tree or {})
+
+
+@torch.no_grad()
+def oracle_generate(target: Understanding, image: torch.Tensor, prompt: list[int], answer: list[int],
+                    max_new_tokens: int = 48, chain: int = 10) -> SpecResult:
+    """Greedy chain decoding of ``prompt`` with a perfect draft that costs nothing: every round
+    proposes the next ``chain`` tokens of ``answer`` (the target's own greedy answer, without ``eos``)
+    and the target verifies them as :func:`generate` does (same prefill, verification forward and
+    cache), without the target states no draft reads. Every draft is accepted, so its speed-up bounds
+    what any draft can reach with this target, chain and machine (:func:`oracle_benchmark`)."""
+    target.check_image(image)
+    eos = target.cfg.eos_id
+    greedy = _Sampler("greedy", 1.0, None)
+    lean = LeanLM(target.lm, 1, target.n_image_tokens + len(prompt) + max_new_tokens + chain + 1)
+    embeds, logits, _ = _prefill(target, lean, image, prompt)
+    n = embeds.shape[1]
+    x = greedy.draw(logits[0, -1])
+    emitted, script = [x], list(answer) + [eos]
+    result = SpecResult([])
+    while x != eos and len(emitted) < max_new_tokens:
+        drafts = script[len(emitted):len(emitted) + min(chain, max_new_tokens - len(emitted))]
+        outcomes, accepted, new, rows, k, _ = _verify_chain(lean, greedy, x, drafts, [], n, eos, hidden=False)
+        result.rounds.append(outcomes)
+        result.drafted.append(k)
+        emitted += accepted + ([] if accepted and accepted[-1] == eos else [new])
+        lean.keep(n, [n + r for r in rows])
+        n, x = n + len(rows), emitted[-1]
+    answer_out = emitted[:emitted.index(eos)] if eos in emitted else emitted
+    result.tokens = answer_out[:max_new_tokens]
+    return result
+
+
+@torch.no_grad()
+def oracle_benchmark(target: Understanding, images: torch.Tensor, prompts: list[list[int]],
+                     max_new_tokens: int = 48, chain: int = 10, kinds: list[str] | None = None) -> Benchmark:
+    """:func:`benchmark`'s figures for the perfect, free draft of :func:`oracle_generate`: every prompt
+    decoded by the target alone (timed, its answer the oracle's script), then by the oracle (timed). The
+    speed-up is the ceiling of speculative decoding for this target and chain on this machine: a real
+    draft accepts fewer tokens per round and costs time to run."""
+    if kinds is not None and len(kinds) != len(prompts):
+        raise ValueError(f"{len(kinds)} kinds for {len(prompts)} prompts")
+    target.eval()
+    rows: list[Row] = []
+    for i, prompt in enumerate(prompts):
+        img = images[i:i + 1]
+        t0 = time.perf_counter()
+        ref = target.generate(img, [prompt], max_new_tokens)[0]
+        t1 = time.perf_counter()
+        res = oracle_generate(target, img, prompt, ref, max_new_tokens, chain)
+        rows.append((kinds[i] if kinds else "all", len(ref), t1 - t0, time.perf_counter() - t1, res.tokens == ref, res))
+    return _benchmark(rows, kinds, chain)
 
 
 def ask(teacher, draft: Draft, image, question: str, max_new_tokens: int = 64, chain: int = 10,

@@ -406,6 +406,40 @@ def speculative_section(profile: str) -> dict[str, Any]:
     })
 
 
+def speculative_bound_section(profile: str) -> dict[str, Any]:
+    """The ceiling of issue 5's speed-up on this machine: the profile's base model (the target)
+    decodes the `draft` stage's held-out prompts alone and then with a perfect draft that costs
+    nothing (`components/speculative.oracle_benchmark`: each round proposes the target's own next
+    `chain` tokens, all accepted). No draft, whatever its training, accepts more per round or drafts
+    for less, so its tokens/s speed-up on these prompts stays below this one. Next to it, the trained
+    draft's figures from its stage (a separate run: their target timings differ)."""
+    from components import draft, speculative
+    from components.base_data import load_world
+    from components.inference import Teacher
+    from tasks.project import find_project, workspace
+
+    ws = workspace(find_project(), profile)
+    params = draft.Params.model_validate(ws.resolved_params().get("draft") or {})
+    if not params.eval_prompts:
+        raise ValueError("draft.eval_prompts is 0: no held-out prompts to decode")
+    teacher = Teacher.load(ws.out_path("base"))
+    target = teacher.understanding.float().eval().requires_grad_(False)
+    world = load_world(ws.out_path("world_data"), limit=params.data_limit)
+    images, prompts, kinds = draft.heldout_inputs(world, teacher, params.eval_prompts, params.seed)
+    res = speculative.oracle_benchmark(target, images, prompts, params.max_new_tokens, params.chain, kinds)
+    out: dict[str, Any] = {**{k: v for k, v in res.report().items() if k != "alpha"}, "tokens": res.tokens,
+                           "conditions": {"draft": "oracle: the target's own next tokens, free", "chain": params.chain,
+                                          "max_new_tokens": params.max_new_tokens, "batch": 1,
+                                          "prompts": "the draft stage's held-out prompts (eval_prompts, seed)"}}
+    manifest_path = ws.out_path("draft") / "manifest.json"
+    if manifest_path.exists():
+        m = read_json(manifest_path).get("metrics") or {}
+        out["trained_draft"] = {"tau": m.get("tau"), "speedup": m.get("speedup"),
+                                "by_kind": {kind: {"tau": m.get(f"tau_{kind}"), "speedup": m.get(f"speedup_{kind}")}
+                                            for kind in (draft.KIND_QA, draft.KIND_CAPTION) if f"tau_{kind}" in m}}
+    return _finite(out)
+
+
 def _tree_figures(m: dict[str, float], params) -> dict[str, Any]:
     """The token tree's figures from the draft stage's metrics (``tree_*``), decoded in the same run as the chain."""
     from components import draft, speculative
@@ -425,6 +459,7 @@ SECTIONS: dict[str, Callable[[str], dict[str, Any]]] = {
     "distill6": distill6_section,
     "speed": speed_section,
     "speculative": speculative_section,
+    "speculative_bound": speculative_bound_section,
 }
 
 

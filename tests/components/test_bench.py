@@ -9,6 +9,7 @@ import torch
 
 from components import base
 from components.base_eval import untrained_pair
+from tests.components.test_draft import setup_dirs  # noqa: F401  (the tiny base + world fixture)
 
 
 class _Workspace:
@@ -165,3 +166,35 @@ def test_distill6_records_how_each_evaluation_stage_scored():
     assert eval_settings(params, "dmdo_eval") == {"samples": 4, "gedit_scale": 1.0, "num_steps": None,
                                                   "extra_steps": []}
     assert eval_settings({}, "tscd_eval")["samples"] == 4
+
+
+def test_speculative_bound_section_decodes_the_draft_stages_prompts_with_the_oracle(monkeypatch, tmp_path, setup_dirs):
+    """The `speculative_bound` section reads the profile's base and world outs, decodes the draft
+    stage's held-out prompts with the perfect free draft (every output the target's own) and sets the
+    trained draft's figures beside it when the draft out has them."""
+    import tasks.project
+    from components import draft
+    from components.base_data import load_world
+    from components.inference import Teacher
+    from flows.bench import speculative_bound_section
+
+    torch.set_num_threads(1)
+    world, ckpt = setup_dirs
+    outs = {"base": ckpt, "world_data": world, "draft": tmp_path / "draft"}
+    ws = _Workspace({"draft": {"eval_prompts": 6, "max_new_tokens": 12, "chain": 4}})
+    ws.out_path = outs.__getitem__
+    monkeypatch.setattr(tasks.project, "workspace", lambda project, profile: ws)
+    monkeypatch.setattr(tasks.project, "find_project", lambda: tmp_path)
+    rep = speculative_bound_section("smoke")
+    assert rep["n_prompts"] == 6 and rep["identical_fraction"] == 1.0 and rep["speedup"] > 0
+    teacher = Teacher.load(ckpt)
+    images, prompts, kinds = draft.heldout_inputs(load_world(world), teacher, 6, 0)
+    assert {k: v["n_prompts"] for k, v in rep["by_kind"].items()} == {k: kinds.count(k) for k in set(kinds)}
+    plain = teacher.understanding.float().eval()  # the section's token count is the target's answers'
+    assert rep["tokens"] == sum(len(plain.generate(img[None], [p], 12)[0]) for img, p in zip(images, prompts))
+    assert rep["conditions"]["chain"] == 4 and "trained_draft" not in rep  # no draft out yet
+    (tmp_path / "draft").mkdir()
+    (tmp_path / "draft" / "manifest.json").write_text(json.dumps({"metrics": {"tau": 3.5, "speedup": 1.1,
+                                                                              "tau_qa": 2.0, "speedup_qa": 0.9}}))
+    assert speculative_bound_section("smoke")["trained_draft"] == {"tau": 3.5, "speedup": 1.1,
+                                                                   "by_kind": {"qa": {"tau": 2.0, "speedup": 0.9}}}

@@ -4,6 +4,7 @@ accepted in full, the sampling mode keeps the target's distribution, τ and n-α
 from __future__ import annotations
 
 import itertools
+import math
 
 import pytest
 import torch
@@ -322,3 +323,33 @@ def test_drafting_stops_at_an_end_of_answer():
             assert all(last) and res.drafted[-1] == len(last) <= 10
             assert all(tree.rounds[-1]) and len(tree.rounds[-1]) == len(last)  # the tree's path ends at eos too
     assert ended > 0
+
+
+def test_the_oracle_decodes_as_a_perfect_draft_does_and_accepts_every_token():
+    """``oracle_generate`` proposes the target's own answer: every draft accepted, ``chain`` + 1 tokens
+    a round, the target's output; it decodes what a perfect real draft decodes, round for round; and
+    its τ bounds an untrained draft's on the same prompts."""
+    torch.set_num_threads(1)
+    target, draft = _bigram_pair()  # a draft that is the target's next-token function
+    images, prompts = _prompts(6, 16)
+    for i, prompt in enumerate(prompts):
+        ref = target.generate(images[i:i + 1], [prompt], 25)[0]
+        res = speculative.oracle_generate(target, images[i:i + 1], prompt, ref, max_new_tokens=25, chain=10)
+        real = speculative.generate(target, draft, images[i:i + 1], prompt, max_new_tokens=25, chain=10)
+        assert res.tokens == ref == real.tokens
+        assert all(all(r) for r in res.rounds) and res.rounds == real.rounds and res.drafted == real.drafted
+    bench = speculative.oracle_benchmark(target, images, prompts, max_new_tokens=25, chain=10,
+                                         kinds=["qa", "caption"] * 3)
+    assert bench.identical_fraction == 1.0 and bench.n_prompts == 6 and bench.alpha == [1.0] * 10
+    assert bench.tau == pytest.approx((11 + 11 + 3) / 3)  # 25 tokens: two full rounds and one of 2 drafts
+    assert set(bench.by_kind) == {"qa", "caption"} and bench.speedup > 0
+    # an untrained draft accepts less on other prompts of an ordinary target; the oracle accepts all
+    target = _target(seed=0)
+    weak = Draft.from_target(target, DraftConfig.for_target(target, fusion="meta", zero_init=False)).eval()
+    images, prompts = _prompts(12, 12)
+    oracle = speculative.oracle_benchmark(target, images, prompts, max_new_tokens=16, chain=4)
+    real = speculative.benchmark(target, weak, images, prompts, max_new_tokens=16, chain=4)
+    assert oracle.identical_fraction == 1.0 and oracle.tokens == real.tokens
+    assert oracle.tau >= real.tau and all(a == 1.0 or math.isnan(a) for a in oracle.alpha)
+    with pytest.raises(ValueError, match="2 kinds for 12 prompts"):
+        speculative.oracle_benchmark(target, images, prompts, max_new_tokens=4, kinds=["qa", "qa"])
