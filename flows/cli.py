@@ -197,9 +197,13 @@ def bench(profile: str = typer.Option("default", "--profile", "-p"),
     except (*_known_errors(), ValueError) as e:
         _fail(e)
     console.print(f"wrote {out / 'benchmark.json'} and {out / 'BENCHMARK.md'}")
-    for name in section or report:
-        if isinstance(report.get(name), dict) and "error" in report[name]:
-            err.print(f"section {name}: {report[name]['error']}", markup=False)
+    failed = [name for name in section or report if isinstance(report.get(name), dict) and "error" in report[name]]
+    for name in failed:
+        err.print(f"section {name}: {report[name]['error']}", markup=False)
+    if failed:  # the report keeps every section that was measured; the exit code says some were not
+        err.print(f"{len(failed)} section(s) not measured (their error is in the report); the sections that read "
+                  f"the pipeline's outputs need a finished run: `hyperbagel run --profile {profile}`", markup=False)
+        raise typer.Exit(1)
 
 
 @app.command()

@@ -38,3 +38,19 @@ def test_invalid_param_value_fails_before_anything_runs(tiny_project):
     assert "tiny_train.lr" in msg and "greater than 0" in msg and "got -3" in msg
     assert "Traceback" not in r.stderr
     assert not (tiny_project / "data").exists() and not (tiny_project / ".state" / "workspaces").exists()
+
+
+def test_a_bench_section_that_cannot_be_measured_is_reported_and_exits_1(tiny_project, tmp_path):
+    """A section whose inputs are missing (here: no base checkpoint) records its error in the report,
+    names it on stderr with what to run, and the command exits 1; nothing else is lost."""
+    import json
+
+    out = tmp_path / "rep"
+    r = _cli(tiny_project, "bench", "--profile", "smoke", "--section", "speculative_bound", "--out", str(out))
+    assert r.returncode == 1, r.stdout + r.stderr
+    msg = " ".join(r.stderr.split())
+    assert "section speculative_bound:" in msg and "hyperbagel run --profile smoke" in msg
+    assert "Traceback" not in r.stderr
+    report = json.loads((out / "benchmark.json").read_text())
+    assert "error" in report["speculative_bound"] and report["profile"] == "smoke"
+    assert (out / "BENCHMARK.md").exists()
