@@ -62,8 +62,11 @@ SPEED_PROMPT = "a photo of a red circle"
 class Params(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    seed: int = Field(0, ge=0, description="seed of the sampling noise")
+    seed: int = Field(0, ge=0, description="seed of the sampling noise (the benchmark sets keep their own seeds, so "
+                                           "another value scores the same prompts, edits and questions)")
     geneval_seed: int = Field(43, ge=0, description="seed of the GenEval-shapes prompt set")
+    gedit_seed: int = Field(0, ge=0, description="seed of the GEdit-shapes edit set")
+    und_seed: int = Field(0, ge=0, description="seed of the fresh scenes that top up the held-out questions")
     geneval_per_tag: int = Field(100, ge=1, description="prompts drawn per tag before de-duplication")
     samples: int = Field(4, ge=1, description="images per GenEval prompt (GenEval: 4)")
     gedit_scale: float = Field(1.0, gt=0, le=1, description="share of GEdit's per-category counts")
@@ -138,7 +141,7 @@ def _geneval(teacher: Teacher, p: Params, out_dir: Path, log, num_steps: int | N
 
 def _gedit(teacher: Teacher, p: Params, out_dir: Path, log) -> tuple[dict, dict[str, np.ndarray]]:
     judge = ShapesJudge()
-    samples = gedit.make_samples(seed=p.seed, scale=p.gedit_scale)
+    samples = gedit.make_samples(seed=p.gedit_seed, scale=p.gedit_scale)
     scores: dict[str, dict[str, list[tuple[float, float, float]]]] = defaultdict(lambda: defaultdict(list))
     csv = ["task_type,key,instruction_language,instruction,SC,PQ,O"]
     shown: list[np.ndarray] = []
@@ -369,7 +372,7 @@ def run(ctx: StageContext, out_dir: Path) -> dict[str, float]:
                 metrics[f"gedit_{lang}_{k}"] = s[k]
 
     if p.und_rows:
-        questions = understanding_rows(load_world(ctx.data_dir), p.und_rows, teacher, p.seed)
+        questions = understanding_rows(load_world(ctx.data_dir), p.und_rows, teacher, p.und_seed)
         metrics["understanding_accuracy"] = answer_accuracy(teacher, questions, p.und_rows, batch=p.batch)
         metrics["understanding_rows"] = float(len(questions))
     else:

@@ -198,3 +198,23 @@ def test_speculative_bound_section_decodes_the_draft_stages_prompts_with_the_ora
                                                                               "tau_qa": 2.0, "speedup_qa": 0.9}}))
     assert speculative_bound_section("smoke")["trained_draft"] == {"tau": 3.5, "speedup": 1.1,
                                                                    "by_kind": {"qa": {"tau": 2.0, "speedup": 0.9}}}
+
+
+def test_the_evaluation_seed_moves_the_noise_not_the_benchmark_sets(tmp_path):
+    """`seed` is the sampling noise only: another value scores the same GEdit-shapes edits (the edit set
+    has its own `gedit_seed`, as the prompt set has `geneval_seed`), and another `gedit_seed` draws others."""
+    from components.base_eval import Params, _gedit
+
+    torch.set_num_threads(1)
+    teacher = untrained_pair(base.Params(**TINY), sample_steps=2, shift=3.0)["student"].frozen()
+
+    def edits(**kw) -> list[str]:
+        out = tmp_path / "_".join(f"{k}{v}" for k, v in kw.items())
+        out.mkdir()
+        _gedit(teacher, Params(gedit_scale=0.01, batch=8, num_steps=2, **kw), out, lambda msg: None)
+        return [",".join(line.split(",")[:4]) for line in (out / "gedit.csv").read_text().splitlines()[1:]]
+
+    ref = edits(seed=0)
+    assert ref and edits(seed=3) == ref
+    assert edits(seed=0, gedit_seed=1) != ref
+    assert Params().gedit_seed == 0 and Params().und_seed == 0  # the default sets are the ones scored so far
