@@ -44,6 +44,7 @@ own greedy decoding compute the same argmax.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -380,28 +381,16 @@ def benchmark(target: Understanding, draft: Draft, images: torch.Tensor, prompts
     ``kinds`` (one label per prompt, e.g. ``qa`` / ``caption``) adds the figures per kind: a mix
     of one-word answers and long captions has one overall speed-up, but speculation can only
     shorten the long ones."""
-    if kinds is not None and len(kinds) != len(prompts):
-        raise ValueError(f"{len(kinds)} kinds for {len(prompts)} prompts")
-    target.eval()
-    draft.eval()
     if tree_topk and tree_nodes < 1:
         raise ValueError("a token tree needs tree_nodes >= 1")
-    rows: list[Row] = []
-    tree_rows: list[Row] = []
-    for i, prompt in enumerate(prompts):
-        img = images[i:i + 1]
-        t0 = time.perf_counter()
-        ref = target.generate(img, [prompt], max_new_tokens)[0]
-        t1 = time.perf_counter()
-        res = generate(target, draft, img, prompt, max_new_tokens, chain, stop_below=stop_below, delay=delay)
-        t2 = time.perf_counter()
-        kind = kinds[i] if kinds else "all"
-        rows.append((kind, len(ref), t1 - t0, t2 - t1, res.tokens == ref, res))
-        if tree_topk:
-            tr = generate(target, draft, img, prompt, max_new_tokens, chain, delay=delay, tree_topk=tree_topk,
-                          tree_nodes=tree_nodes)
-            tree_rows.append((kind, len(ref), t1 - t0, time.perf_counter() - t2, tr.tokens == ref, tr))
-
+    draft.eval()
+    decoders = {"chain": lambda img, prompt, ref: generate(target, draft, img, prompt, max_new_tokens, chain,
+                                                          stop_below=stop_below, delay=delay)}
+    if tree_topk:
+        decoders["tree"] = lambda img, prompt, ref: generate(target, draft, img, prompt, max_new_tokens, chain,
+                                                             delay=delay, tree_topk=tree_topk, tree_nodes=tree_nodes)
+    decoded = _decode_all(target, images, prompts, max_new_tokens, kinds, decoders)
+    rows, tree_rows = decoded["chain"], decoded.get("tree", [])
     tree = {}
     if tree_topk:
         tree = {"topk": tree_topk, "nodes": tree_nodes, "depth": chain, **_figures(tree_rows),
@@ -411,6 +400,29 @@ def benchmark(target: Understanding, draft: Draft, images: torch.Tensor, prompts
 
 # a decoded prompt: (kind, answer tokens, target s, speculative s, identical, SpecResult)
 Row = tuple[str, int, float, float, bool, SpecResult]
+
+
+def _decode_all(target: Understanding, images: torch.Tensor, prompts: list[list[int]], max_new_tokens: int,
+                kinds: list[str] | None, decoders: dict[str, Callable[[torch.Tensor, list[int], list[int]], SpecResult]]
+                ) -> dict[str, list[Row]]:
+    """Every prompt decoded at batch 1 by the target alone (timed; its answer is the reference), then by
+    each of ``decoders`` in turn (``(image, prompt, reference) -> SpecResult``, timed): one row per
+    prompt and decoder, each paired with the same target timing."""
+    if kinds is not None and len(kinds) != len(prompts):
+        raise ValueError(f"{len(kinds)} kinds for {len(prompts)} prompts")
+    target.eval()
+    rows: dict[str, list[Row]] = {name: [] for name in decoders}
+    for i, prompt in enumerate(prompts):
+        img = images[i:i + 1]
+        kind = kinds[i] if kinds else "all"
+        t0 = time.perf_counter()
+        ref = target.generate(img, [prompt], max_new_tokens)[0]
+        target_s = time.perf_counter() - t0
+        for name, decode in decoders.items():
+            t0 = time.perf_counter()
+            res = decode(img, prompt, ref)
+            rows[name].append((kind, len(ref), target_s, time.perf_counter() - t0, res.tokens == ref, res))
+    return rows
 
 
 def _figures(sel: list[Row]) -> dict:
@@ -471,18 +483,8 @@ def oracle_benchmark(target: Understanding, images: torch.Tensor, prompts: list[
     decoded by the target alone (timed, its answer the oracle's script), then by the oracle (timed). The
     speed-up is the ceiling of speculative decoding for this target and chain on this machine: a real
     draft accepts fewer tokens per round and costs time to run."""
-    if kinds is not None and len(kinds) != len(prompts):
-        raise ValueError(f"{len(kinds)} kinds for {len(prompts)} prompts")
-    target.eval()
-    rows: list[Row] = []
-    for i, prompt in enumerate(prompts):
-        img = images[i:i + 1]
-        t0 = time.perf_counter()
-        ref = target.generate(img, [prompt], max_new_tokens)[0]
-        t1 = time.perf_counter()
-        res = oracle_generate(target, img, prompt, ref, max_new_tokens, chain)
-        rows.append((kinds[i] if kinds else "all", len(ref), t1 - t0, time.perf_counter() - t1, res.tokens == ref, res))
-    return _benchmark(rows, kinds, chain)
+    oracle = {"oracle": lambda img, prompt, ref: oracle_generate(target, img, prompt, ref, max_new_tokens, chain)}
+    return _benchmark(_decode_all(target, images, prompts, max_new_tokens, kinds, oracle)["oracle"], kinds, chain)
 
 
 def ask(teacher, draft: Draft, image, question: str, max_new_tokens: int = 64, chain: int = 10,
