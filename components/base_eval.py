@@ -7,7 +7,7 @@ that default and ``extra_steps`` adds GenEval-only rows at other step counts (``
 metrics: the teacher with 6 steps, the CFG-distilled model with 6).
 
 GenEval-shapes: every prompt of :func:`components.world.geneval_prompts.make_prompts`, ``samples``
-images each (GenEval's 4), sampled with BAGEL's T2I CFG; scored by
+images each (GenEval's 4; the prompts of a task with fewer than ``min_task_images`` images more), sampled with BAGEL's T2I CFG; scored by
 :func:`components.evaluation.geneval.score_geneval` (overall = mean of the six tasks).
 GEdit-shapes: the benchmark's samples (``gedit_scale`` of GEdit's per-category counts), each
 edited in EN and CN with BAGEL's editing CFG; judged by
@@ -69,6 +69,9 @@ class Params(BaseModel):
     und_seed: int = Field(0, ge=0, description="seed of the fresh scenes that top up the held-out questions")
     geneval_per_tag: int = Field(100, ge=1, description="prompts drawn per tag before de-duplication")
     samples: int = Field(4, ge=1, description="images per GenEval prompt (GenEval: 4)")
+    min_task_images: int = Field(0, ge=0, description="a GenEval task with fewer images than this samples each of "
+                                                      "its prompts more (0: GenEval's protocol; "
+                                                      "components/evaluation/geneval.samples_per_prompt)")
     gedit_scale: float = Field(1.0, gt=0, le=1, description="share of GEdit's per-category counts")
     und_rows: int = Field(512, ge=0, description="held-out Q&A rows scored: the world's held-out questions, "
                                                 "then questions about fresh scenes (components/draft.heldout_rows)")
@@ -113,19 +116,23 @@ def _batch_or_each(fn, n: int, fallback) -> tuple[list[np.ndarray], int]:
 def _geneval(teacher: Teacher, p: Params, out_dir: Path, log, num_steps: int | None = None,
              name: str = "geneval") -> tuple[dict, dict[str, np.ndarray], int]:
     rows = geneval_prompts.make_prompts(seed=p.geneval_seed, n=p.geneval_per_tag)
+    counts = geneval.samples_per_prompt(rows, p.samples, p.min_task_images)
     images: list[list[np.ndarray]] = [[] for _ in rows]
     unknown = 0
-    for s in range(p.samples):
-        for b in range(0, len(rows), p.batch):
-            part = rows[b:b + p.batch]
+    for s in range(max(counts)):
+        # the first ``samples`` rounds draw every prompt (the batches and seeds of GenEval's own
+        # protocol); later rounds only the prompts of the tasks that need more images
+        todo = [i for i, n in enumerate(counts) if n > s]
+        for b in range(0, len(todo), p.batch):
+            part = [rows[i] for i in todo[b:b + p.batch]]
             grey = np.full((64, 64, 3), 127, dtype=np.uint8)  # an unreadable prompt scores 0
             out, n_bad = _batch_or_each(
                 lambda idx: teacher.generate([part[i]["prompt"] for i in idx], seed=p.seed + 7919 * s + b,
                                              num_steps=num_steps), len(part), lambda i: grey)
             unknown += n_bad
             for i, img in enumerate(out):
-                images[b + i].append(np.asarray(img))
-        log(f"{name}: sample {s + 1}/{p.samples} of {len(rows)} prompts")
+                images[todo[b + i]].append(np.asarray(img))
+        log(f"{name}: sample {s + 1}/{max(counts)} of {len(todo)} prompts")
     geneval.write_folder(rows, images, out_dir / name)
     summary = geneval.score_geneval(rows, images, return_results=True)
     with open(out_dir / name / "results.jsonl", "w") as f:

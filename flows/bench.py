@@ -199,7 +199,7 @@ def _gedit_row(results: dict[str, Any]) -> dict[str, Any]:
     return {lang: {k: results["gedit"][lang][k] for k in ("SC", "PQ", "O")} for lang in results.get("gedit", {})}
 
 
-EVAL_SETTINGS = ("samples", "gedit_scale", "num_steps", "extra_steps")
+EVAL_SETTINGS = ("samples", "min_task_images", "gedit_scale", "num_steps", "extra_steps")
 
 
 def eval_settings(params: dict[str, Any], stage: str) -> dict[str, Any]:

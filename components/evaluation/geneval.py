@@ -260,6 +260,20 @@ def score_geneval(metadata_rows: list[dict], images_per_prompt: list[list[np.nda
     return summary
 
 
+def samples_per_prompt(metadata_rows: list[dict], samples: int, min_task_images: int = 0) -> list[int]:
+    """Images to draw for each prompt: GenEval's ``samples`` each, and more for a task with so few
+    prompts that ``samples`` each would give it fewer than ``min_task_images`` images (every prompt of
+    that task then gets ``ceil(min_task_images / prompts)``). The overall score is the mean of the six
+    task accuracies, so a task of 6 prompts (24 images) moves it as much as one of 99 (396 images);
+    sampling its few prompts more keeps GenEval's prompts and weights and narrows that task's noise."""
+    if samples < 1 or min_task_images < 0:
+        raise ValueError(f"samples must be >= 1 and min_task_images >= 0; got {samples} and {min_task_images}")
+    per_tag: dict[str, int] = {}
+    for meta in metadata_rows:
+        per_tag[meta["tag"]] = per_tag.get(meta["tag"], 0) + 1
+    return [max(samples, math.ceil(min_task_images / per_tag[meta["tag"]])) for meta in metadata_rows]
+
+
 # ----------------------------------------------------------------------------- folders
 _SAMPLE = re.compile(r"\d+\.png")
 

@@ -160,11 +160,11 @@ def test_distill6_records_how_each_evaluation_stage_scored():
     from flows.bench import eval_settings
 
     params = {"base_eval": {"samples": 1, "gedit_scale": 0.25, "extra_steps": [6]}, "dmdo_eval": {"batch": 16}}
-    assert eval_settings(params, "base_eval") == {"samples": 1, "gedit_scale": 0.25, "num_steps": None,
-                                                  "extra_steps": [6]}
+    assert eval_settings(params, "base_eval") == {"samples": 1, "min_task_images": 0, "gedit_scale": 0.25,
+                                                  "num_steps": None, "extra_steps": [6]}
     # a stage that sets none of them scored at the evaluation's defaults (GenEval's 4 images, all of GEdit)
-    assert eval_settings(params, "dmdo_eval") == {"samples": 4, "gedit_scale": 1.0, "num_steps": None,
-                                                  "extra_steps": []}
+    assert eval_settings(params, "dmdo_eval") == {"samples": 4, "min_task_images": 0, "gedit_scale": 1.0,
+                                                  "num_steps": None, "extra_steps": []}
     assert eval_settings({}, "tscd_eval")["samples"] == 4
 
 
@@ -218,3 +218,29 @@ def test_the_evaluation_seed_moves_the_noise_not_the_benchmark_sets(tmp_path):
     assert ref and edits(seed=3) == ref
     assert edits(seed=0, gedit_seed=1) != ref
     assert Params().gedit_seed == 0 and Params().und_seed == 0  # the default sets are the ones scored so far
+
+
+def test_geneval_tops_up_the_small_tasks_and_keeps_genevals_own_images(tmp_path, setup_dirs):
+    """`min_task_images` adds images to the prompts of the tasks that have too few; the images of
+    GenEval's own `samples` rounds are the ones drawn without it (same batches, same seeds)."""
+    from components.base_eval import Params, _geneval
+    from components.inference import Teacher
+
+    torch.set_num_threads(1)
+    teacher = Teacher.load(setup_dirs[1]).frozen()
+
+    def files(**kw) -> dict[str, bytes]:
+        out = tmp_path / "_".join(f"{k}{v}" for k, v in kw.items())
+        summary, _, unknown = _geneval(teacher, Params(geneval_per_tag=2, samples=1, batch=4, num_steps=2, **kw),
+                                       out, lambda msg: None)
+        return {str(p.relative_to(out / "geneval")): p.read_bytes()
+                for p in sorted((out / "geneval").glob("*/samples/*.png"))}
+
+    plain, topped = files(), files(min_task_images=3)
+    rows = [json.loads((tmp_path / "min_task_images3" / "geneval" / f"{i:05d}" / "metadata.jsonl").read_text())
+            for i in range(len({k.split("/")[0] for k in topped}))]
+    tags = [r["tag"] for r in rows]
+    want = {i: max(1, -(-3 // tags.count(tag))) for i, tag in enumerate(tags)}
+    assert {i: sum(k.startswith(f"{i:05d}/") for k in topped) for i in want} == want
+    assert len(topped) > len(plain) and all(topped[k] == v for k, v in plain.items())
+    assert len(set(topped.values())) > len(set(plain.values())) > 1  # the extra images are new samples

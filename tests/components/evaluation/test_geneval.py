@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from components.evaluation.geneval import (GenEvalInputError, Options, evaluate, evaluate_folder, keep_detections,
-                                           read_folder, relative_position, summarize, write_folder)
+                                           read_folder, relative_position, samples_per_prompt, summarize,
+                                           write_folder)
 from components.world.bench import REASONS, detector_accuracy, geneval_corruptions, geneval_oracle, oracle_images
 from components.world.detector import ShapesDetector
 from components.world.geneval_prompts import make_prompts, write_prompt_files
@@ -201,3 +202,16 @@ def test_folder_errors_name_the_file(tmp_path):
     (tmp_path / "00000" / "metadata.jsonl").write_text('{"tag": "colors", "prompt": "x", "include": [{"class": 3}]}')
     with pytest.raises(GenEvalInputError, match=r"metadata.jsonl: field 'include\[0\].class' must be a str"):
         read_folder(tmp_path)
+
+
+# ----------------------------------------------------------------------------- images per prompt
+def test_a_task_with_few_prompts_samples_each_of_them_more():
+    rows = [{"tag": "single_object"}] * 6 + [{"tag": "counting"}] * 18 + [{"tag": "color_attr"}] * 99
+    counts = samples_per_prompt(rows, 4, 200)
+    assert counts[:6] == [34] * 6 and counts[6:24] == [12] * 18 and counts[24:] == [4] * 99
+    per_task = {tag: sum(n for r, n in zip(rows, counts) if r["tag"] == tag) for tag in ("single_object", "counting")}
+    assert per_task == {"single_object": 204, "counting": 216}  # at least 200, the fewest whole samples
+    assert samples_per_prompt(rows, 4) == [4] * len(rows)  # 0: GenEval's own protocol
+    assert samples_per_prompt(rows, 1, 3)[:6] == [1] * 6 and samples_per_prompt(rows, 5, 3)[0] == 5
+    with pytest.raises(ValueError, match="min_task_images"):
+        samples_per_prompt(rows, 4, -1)
