@@ -47,7 +47,7 @@ from components.evaluation.text_reading import DEFAULT_T, LAYOUT_T, text_gains
 from components.gen_data import images_to_unit
 from components.distill import student_model
 from components.draft import heldout_rows
-from components.inference import InputError, Teacher, autocast
+from components.inference import InputError, Teacher, autocast, to_tensor
 from components.models.generator import SCALE_EMBEDDINGS, GenCondition, Generator
 from components.models.tokens import Tokenizer
 from components.training import StageContext
@@ -336,6 +336,77 @@ def round_ratios(slow: dict[str, Any], fast: dict[str, Any], batch: int) -> dict
                 out[f"{task}_b{b}"] = [s / f for s, f in zip(slow[rk], fast[rk])]
             elif k in slow and k in fast:
                 out[f"{task}_b{b}"] = [slow[k] / fast[k]]
+    return out
+
+
+def per_call_parts(model: Teacher, task: str, repeats: int = 200) -> dict[str, float]:
+    """Seconds of each part of a batch-1 sampling call of :func:`speed_inputs` that is not a generator
+    pass, timed alone in a tight loop (median of ``repeats``): ``text`` (encoding the prompt, once per
+    call), ``decode`` (the latent to pixels) and for an edit ``source`` (encoding the source image).
+    Every model that samples through an autoencoder and a text encoder pays at least these per call."""
+    prompt, src, instr = speed_inputs()
+    generator, space = model.inference_parts()
+    cond = GenCondition(model.text_ids([prompt if task == "t2i" else instr]), pad_id=model.tokenizer.pad_id)
+    g = generator.cfg
+    z = torch.randn(1, g.in_channels, g.sample_size, g.sample_size, generator=torch.Generator().manual_seed(0))
+    parts = {"text": lambda: generator.with_context(cond), "decode": lambda: space.decode(z)}
+    if task == "edit":
+        x = to_tensor(src, model.autoencoder.cfg.image_size)
+        parts["source"] = lambda: space.encode(x)
+    out = {}
+    with torch.no_grad(), autocast(model.bf16):
+        for name, fn in parts.items():
+            for _ in range(10):
+                fn()
+            times = []
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                fn()
+                times.append(time.perf_counter() - t0)
+            out[name] = float(np.median(times))
+    return out
+
+
+def batch1_breakdown(models: dict[str, Teacher], slow: str, fast: str, bars: dict[str, float],
+                     rounds: int = 30) -> dict[str, dict[str, Any]]:
+    """Where a batch-1 call's time goes, and the speed-up its generator passes allow.
+
+    Per task, ``rounds`` calls of each model in alternation (after a warm-up call): the median call
+    time (``call_ms``), the part spent in its generator passes (``passes_ms``, :class:`NFECounter`'s
+    clock) and the rest (``other_ms``: text and source encoding, decoding, noise, the sampler).
+    ``passes_only`` is ``slow``'s passes over ``fast``'s: the speed-up with no per-call work at all.
+    ``parts_ms`` are ``fast``'s per-call parts timed alone (:func:`per_call_parts`), the least per-call
+    work a call can do; ``ceiling`` is the speed-up if both calls did only their passes and those parts.
+    For ``bars[task]`` (the speed-up asked for), ``other_allowed_ms`` is the per-call work, the same for
+    both models, under which the passes still reach it: ``(P_slow - bar * P_fast) / (bar - 1)``."""
+    out: dict[str, dict[str, Any]] = {}
+    for task in ("t2i", "edit"):
+        fn = speed_call(task, 1)
+        able = _warm(fn, {name: models[name] for name in (slow, fast)})
+        if len(able) < 2:
+            continue
+        calls: dict[str, list[tuple[float, float]]] = {name: [] for name in able}
+        for _ in range(rounds):
+            for name, model in able.items():
+                t0 = time.perf_counter()
+                fn(model)
+                calls[name].append((time.perf_counter() - t0, model.last_pass_s))
+        row: dict[str, Any] = {}
+        for name, c in calls.items():
+            call, passes = (float(np.median([v[i] for v in c])) * 1e3 for i in (0, 1))
+            row[name] = {"call_ms": round(call, 3), "passes_ms": round(passes, 3), "other_ms": round(call - passes, 3),
+                         "nfe": able[name].last_nfe}
+        parts = {k: v * 1e3 for k, v in per_call_parts(able[fast], task).items()}
+        p_slow, p_fast, floor = row[slow]["passes_ms"], row[fast]["passes_ms"], sum(parts.values())
+        row["speedup"] = round(row[slow]["call_ms"] / row[fast]["call_ms"], 2)
+        row["passes_only"] = round(p_slow / p_fast, 2)
+        row["parts_ms"] = {k: round(v, 3) for k, v in parts.items()}
+        row["ceiling"] = round((p_slow + floor) / (p_fast + floor), 2)
+        bar = bars.get(task)
+        if bar:
+            row["bar"] = bar
+            row["other_allowed_ms"] = round((p_slow - bar * p_fast) / (bar - 1), 3)
+        out[task] = row
     return out
 
 

@@ -138,6 +138,7 @@ class Teacher:
     tokenizer: Tokenizer
     bf16: bool = True
     last_nfe: int = 0
+    last_pass_s: float = 0.0  # wall time of the last sampling call's generator passes (the rest is per-call work)
     sampler: dict[str, Any] = field(default_factory=lambda: dict(TEACHER_SAMPLER))
     sampling_only: bool = False  # see :meth:`frozen`
 
@@ -250,7 +251,7 @@ class Teacher:
                                 shift=float(self.sampler.get("shift", sampling.SHIFT)), token_patch=g.patch_size,
                                 embedded=self.embedded_cfg)
             images = space.decode(z)
-        self.last_nfe = counter.nfe
+        self.last_nfe, self.last_pass_s = counter.nfe, counter.seconds
         return to_uint8(images)
 
     def generate(self, prompts: list[str], seed: int = 0, num_steps: int | None = None,

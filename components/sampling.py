@@ -22,6 +22,7 @@ Wrap the callable in :class:`NFECounter` to count the forward passes actually ru
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Any, Callable, Literal
 
@@ -212,17 +213,23 @@ class NFECounter:
 
     ``passes`` is the number of batched calls: each call evaluates the model once for every
     image in its batch, so it is the NFE per image. ``evaluations`` sums the batch sizes.
+    ``seconds`` is the wall time spent inside the passes (on CPU a pass has returned its result
+    when the call returns), so a sampling call's time splits into its passes and the rest.
     """
 
     def __init__(self, velocity: Velocity):
         self.velocity = velocity
         self.passes = 0
         self.evaluations = 0
+        self.seconds = 0.0
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, cond: Any) -> torch.Tensor:
         self.passes += 1
         self.evaluations += int(x.shape[0])
-        return self.velocity(x, t, cond)
+        t0 = time.perf_counter()
+        v = self.velocity(x, t, cond)
+        self.seconds += time.perf_counter() - t0
+        return v
 
     @property
     def nfe(self) -> int:
@@ -230,6 +237,7 @@ class NFECounter:
 
     def reset(self) -> None:
         self.passes = self.evaluations = 0
+        self.seconds = 0.0
 
 
 def sample(velocity: Velocity, noise: torch.Tensor, cond: Conditions | Any, num_steps: int = 50,

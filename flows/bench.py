@@ -26,6 +26,14 @@ SPEED_REPEATS = 6  # distill6 and speed: at least this many rounds per task and 
 SPEED_CELL_S = 40.0  # ... and of as many more as fit in this many seconds per task and batch (compare_speed)
 
 
+SPEEDUP_BARS = {"t2i": 15.0, "edit": 20.0}  # issue 4: the 6-NFE model's wall-clock speed-up at batch 1 and 16
+
+
+def batch1_rounds(profile: str) -> int:
+    """Alternating batch-1 calls per task for `distill6`'s `batch1` breakdown (a smoke run: a few)."""
+    return 3 if profile == "smoke" else 30
+
+
 def speed_cell_s(profile: str) -> float:
     """Seconds a speed cell samples for: none beyond its rounds in the smoke profile (a check, not a
     measurement), ``SPEED_CELL_S`` otherwise."""
@@ -273,6 +281,9 @@ def distill6_section(profile: str) -> dict[str, Any]:
     models = {"teacher": Teacher.load(ws.out_path("base")).frozen(), "dmdo": Teacher.load(ws.out_path("dmdo")).frozen()}
     batch = int((params.get("dmdo_eval") or {}).get("batch", 16))
     speed = timed_speedups(models, "teacher", "dmdo", batch, profile)
+    from components.base_eval import batch1_breakdown
+
+    speed["batch1"] = batch1_breakdown(models, "teacher", "dmdo", SPEEDUP_BARS, rounds=batch1_rounds(profile))
     reports = find_project() / "reports" / "distill6"
     reports.mkdir(parents=True, exist_ok=True)
     images = []

@@ -65,6 +65,34 @@ def test_speed_section_times_teacher_and_student(tiny_profile):
         speed_section("smoke")
 
 
+def test_the_batch1_breakdown_splits_each_call_into_passes_and_the_rest():
+    """`distill6`'s `batch1`: per task each model's call, its passes and the rest (NFE as counted), the
+    student's per-call parts timed alone, and the speed-ups and budgets derived from them."""
+    from components.base_eval import batch1_breakdown
+
+    torch.set_num_threads(1)
+    pair = {k: m.frozen() for k, m in untrained_pair(base.Params(**TINY), sample_steps=3, shift=3.0).items()}
+    rep = batch1_breakdown(pair, "teacher", "student", {"t2i": 15.0}, rounds=2)
+    assert set(rep) == {"t2i", "edit"}
+    assert (rep["t2i"]["teacher"]["nfe"], rep["t2i"]["student"]["nfe"]) == (100, 3)
+    assert (rep["edit"]["teacher"]["nfe"], rep["edit"]["student"]["nfe"]) == (132, 3)
+    assert set(rep["t2i"]["parts_ms"]) == {"text", "decode"} and set(rep["edit"]["parts_ms"]) == {"text", "decode", "source"}
+    for task, row in rep.items():
+        for name in ("teacher", "student"):
+            r = row[name]
+            assert 0 < r["passes_ms"] < r["call_ms"] and r["other_ms"] == pytest.approx(r["call_ms"] - r["passes_ms"], abs=2e-3)
+        t, s = row["teacher"], row["student"]
+        assert row["speedup"] == pytest.approx(t["call_ms"] / s["call_ms"], abs=0.01)
+        assert row["passes_only"] == pytest.approx(t["passes_ms"] / s["passes_ms"], abs=0.01)
+        floor = sum(row["parts_ms"].values())
+        assert row["ceiling"] == pytest.approx((t["passes_ms"] + floor) / (s["passes_ms"] + floor), abs=0.01)
+    # the per-call work under which the passes alone would still give the bar
+    t, s = rep["t2i"]["teacher"]["passes_ms"], rep["t2i"]["student"]["passes_ms"]
+    o = rep["t2i"]["other_allowed_ms"]
+    assert rep["t2i"]["bar"] == 15.0 and (t + o) / (s + o) == pytest.approx(15.0, rel=1e-3)
+    assert "bar" not in rep["edit"] and "other_allowed_ms" not in rep["edit"]
+
+
 def test_speed_comparison_times_only_the_tasks_a_model_can_do(monkeypatch):
     """An instruction the models cannot read (a word outside their vocabulary) leaves the editing
     cells out, for every model, instead of failing the comparison."""

@@ -152,6 +152,17 @@ def test_nfe_counts_t2i_100_and_edit_132():
     assert counter.nfe == 6
 
 
+def test_the_counter_clocks_the_time_spent_inside_the_passes(monkeypatch):
+    """``seconds`` adds the clock's advance across each pass and nothing outside them."""
+    clock = iter(range(1000))
+    monkeypatch.setattr(S.time, "perf_counter", lambda: float(next(clock)) ** 2)  # pass k spans (2k+1)^2 - (2k)^2
+    counter = S.NFECounter(Recorder())
+    S.sample(counter, torch.randn(1, 2, 4, 4), "full", num_steps=3)
+    assert counter.nfe == 3 and counter.seconds == 1 + 5 + 9
+    counter.reset()
+    assert counter.seconds == 0.0 and counter.nfe == 0
+
+
 def test_sampler_runs_the_right_passes_and_combination():
     rec = Recorder()
     x = torch.randn(2, 2, 4, 4)
