@@ -374,11 +374,13 @@ def batch1_breakdown(models: dict[str, Teacher], slow: str, fast: str, bars: dic
     Per task, ``rounds`` calls of each model in alternation (after a warm-up call): the median call
     time (``call_ms``), the part spent in its generator passes (``passes_ms``, :class:`NFECounter`'s
     clock) and the rest (``other_ms``: text and source encoding, decoding, noise, the sampler).
-    ``passes_only`` is ``slow``'s passes over ``fast``'s: the speed-up with no per-call work at all.
+    ``passes_only`` is ``slow``'s passes over ``fast``'s: the speed-up if neither call did anything else.
     ``parts_ms`` are ``fast``'s per-call parts timed alone (:func:`per_call_parts`), the least per-call
-    work a call can do; ``ceiling`` is the speed-up if both calls did only their passes and those parts.
-    For ``bars[task]`` (the speed-up asked for), ``other_allowed_ms`` is the per-call work, the same for
-    both models, under which the passes still reach it: ``(P_slow - bar * P_fast) / (bar - 1)``."""
+    work its call can do; ``ceiling`` is ``slow``'s call over ``fast``'s passes plus those parts: the
+    speed-up if ``fast`` did nothing else (with the passes as they are, a bound: the slow model's own
+    per-call work and its guidance arithmetic stay in its call). For ``bars[task]`` (the speed-up asked
+    for), ``other_allowed_ms`` is the per-call work ``fast`` may do beside its passes to reach it against
+    ``slow``'s call: ``call_slow / bar - P_fast``."""
     out: dict[str, dict[str, Any]] = {}
     for task in ("t2i", "edit"):
         fn = speed_call(task, 1)
@@ -397,15 +399,15 @@ def batch1_breakdown(models: dict[str, Teacher], slow: str, fast: str, bars: dic
             row[name] = {"call_ms": round(call, 3), "passes_ms": round(passes, 3), "other_ms": round(call - passes, 3),
                          "nfe": able[name].last_nfe}
         parts = {k: v * 1e3 for k, v in per_call_parts(able[fast], task).items()}
-        p_slow, p_fast, floor = row[slow]["passes_ms"], row[fast]["passes_ms"], sum(parts.values())
+        p_fast, floor = row[fast]["passes_ms"], sum(parts.values())
         row["speedup"] = round(row[slow]["call_ms"] / row[fast]["call_ms"], 2)
-        row["passes_only"] = round(p_slow / p_fast, 2)
+        row["passes_only"] = round(row[slow]["passes_ms"] / p_fast, 2)
         row["parts_ms"] = {k: round(v, 3) for k, v in parts.items()}
-        row["ceiling"] = round((p_slow + floor) / (p_fast + floor), 2)
+        row["ceiling"] = round(row[slow]["call_ms"] / (p_fast + floor), 2)
         bar = bars.get(task)
         if bar:
             row["bar"] = bar
-            row["other_allowed_ms"] = round((p_slow - bar * p_fast) / (bar - 1), 3)
+            row["other_allowed_ms"] = round(row[slow]["call_ms"] / bar - p_fast, 3)
         out[task] = row
     return out
 
