@@ -7,8 +7,9 @@ that default and ``extra_steps`` adds GenEval-only rows at other step counts (``
 metrics: the teacher with 6 steps, the CFG-distilled model with 6).
 
 GenEval-shapes: every prompt of :func:`components.world.geneval_prompts.make_prompts`, ``samples``
-images each (GenEval's 4; the prompts of a task with fewer than ``min_task_images`` images more), sampled with BAGEL's T2I CFG; scored by
-:func:`components.evaluation.geneval.score_geneval` (overall = mean of the six tasks).
+images each (GenEval's 4; more for the prompts of a task with fewer than ``min_task_images`` images),
+sampled with BAGEL's T2I CFG; scored by :func:`components.evaluation.geneval.score_geneval` (overall =
+mean of the six tasks).
 GEdit-shapes: the benchmark's samples (``gedit_scale`` of GEdit's per-category counts), each
 edited in EN and CN with BAGEL's editing CFG; judged by
 :class:`components.evaluation.gedit_judge.ShapesJudge` (SC, PQ, O; macro average over categories).

@@ -24,8 +24,6 @@ from components.checkpoints import read_json
 
 SPEED_REPEATS = 6  # distill6 and speed: at least this many rounds per task and batch, teacher and student alternating
 SPEED_CELL_S = 40.0  # ... and of as many more as fit in this many seconds per task and batch (compare_speed)
-
-
 SPEEDUP_BARS = {"t2i": 15.0, "edit": 20.0}  # issue 4: the 6-NFE model's wall-clock speed-up at batch 1 and 16
 
 
@@ -245,7 +243,8 @@ def stage_record(manifest: dict[str, Any]) -> dict[str, Any]:
 def distill6_section(profile: str) -> dict[str, Any]:
     """The 6-NFE path (issue 4): Table 2 and Table 3 from the evaluation stages' results, the NFE
     counted, and the wall-clock speedup of the 6-NFE model against the teacher, both timed here,
-    in this process, in alternation (batch 1 and 16; `compare_speed`)."""
+    in this process, in alternation (batch 1 and 16; `compare_speed`), with `batch1`: where a batch-1
+    call's time goes and the speed-up its passes allow (`batch1_breakdown`)."""
     import shutil
 
     from components.evaluation import paired
