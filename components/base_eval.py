@@ -246,7 +246,9 @@ def compare_speed(models: dict[str, Teacher], batch: int, repeats: int = 6,
     batch-1 speed-up by as much (17.1x and 20.1x in two back-to-back runs of the same models).
     Each round's samples are also kept (``{cell}_rounds_s``, seconds per image): a round's teacher and
     student samples are seconds apart, so their ratio is paired against the machine's drift
-    (:func:`speedups`). A model that cannot edit has no editing cells."""
+    (:func:`speedups`); ``{cell}_pass_rounds_s`` are the same rounds' seconds per image inside the
+    generator's passes (:attr:`Teacher.last_pass_s`; :func:`batch1_breakdown`). A model that cannot
+    edit has no editing cells."""
     timing: dict[str, dict[str, float]] = {name: {} for name in models}
     for task, big in SPEED_CELLS:
         b = batch if big else 1
@@ -257,17 +259,22 @@ def compare_speed(models: dict[str, Teacher], batch: int, repeats: int = 6,
         once = {name: _timed(fn, model)[1] for name, model in able.items()}
         loops = {name: max(1, round(max(once.values()) / t)) for name, t in once.items()}
         samples: dict[str, list[float]] = {name: [] for name in able}
+        passes: dict[str, list[float]] = {name: [] for name in able}
         start, rounds = time.perf_counter(), 0
         while rounds < repeats or time.perf_counter() - start < min_seconds:
             rounds += 1
             for name, model in able.items():
+                in_passes = 0.0
                 t0 = time.perf_counter()
                 for _call in range(loops[name]):
                     fn(model)
+                    in_passes += model.last_pass_s
                 samples[name].append((time.perf_counter() - t0) / loops[name] / b)
+                passes[name].append(in_passes / loops[name] / b)
         for name, model in able.items():
             timing[name][f"{task}_b{b}_s"] = min(samples[name])
             timing[name][f"{task}_b{b}_rounds_s"] = [round(v, 6) for v in samples[name]]
+            timing[name][f"{task}_b{b}_pass_rounds_s"] = [round(v, 6) for v in passes[name]]
             timing[name][f"nfe_{task}"] = float(model.last_nfe)
     return timing
 
@@ -359,47 +366,36 @@ def per_call_parts(model: Teacher, task: str, repeats: int = 200) -> dict[str, f
         for name, fn in parts.items():
             for _ in range(10):
                 fn()
-            times = []
-            for _ in range(repeats):
-                t0 = time.perf_counter()
-                fn()
-                times.append(time.perf_counter() - t0)
-            out[name] = float(np.median(times))
+            out[name] = float(np.median([_timed(fn)[1] for _ in range(repeats)]))
     return out
 
 
-def batch1_breakdown(models: dict[str, Teacher], slow: str, fast: str, bars: dict[str, float],
-                     rounds: int = 30) -> dict[str, dict[str, Any]]:
-    """Where a batch-1 call's time goes, and the speed-up its generator passes allow.
+def batch1_breakdown(timing: dict[str, dict[str, Any]], models: dict[str, Teacher], slow: str, fast: str,
+                     bars: dict[str, float]) -> dict[str, dict[str, Any]]:
+    """Where a batch-1 call's time goes, and the speed-up its generator passes allow, from
+    :func:`compare_speed`'s batch-1 rounds (``timing``).
 
-    Per task, ``rounds`` calls of each model in alternation (after a warm-up call): the median call
-    time (``call_ms``), the part spent in its generator passes (``passes_ms``, :class:`NFECounter`'s
-    clock) and the rest (``other_ms``: text and source encoding, decoding, noise, the sampler).
-    ``passes_only`` is ``slow``'s passes over ``fast``'s: the speed-up if neither call did anything else.
-    ``parts_ms`` are ``fast``'s per-call parts timed alone (:func:`per_call_parts`), the least per-call
-    work its call can do; ``ceiling`` is ``slow``'s call over ``fast``'s passes plus those parts: the
-    speed-up if ``fast`` did nothing else (with the passes as they are, a bound: the slow model's own
-    per-call work and its guidance arithmetic stay in its call). For ``bars[task]`` (the speed-up asked
-    for), ``other_allowed_ms`` is the per-call work ``fast`` may do beside its passes to reach it against
-    ``slow``'s call: ``call_slow / bar - P_fast``."""
+    Per task and model, the median over the rounds of the call time (``call_ms``), of the part spent in
+    its generator passes (``passes_ms``, :class:`NFECounter`'s clock) and the rest (``other_ms``: text
+    and source encoding, decoding, noise, the sampler). ``passes_only`` is ``slow``'s passes over
+    ``fast``'s: the speed-up if neither call did anything else. ``parts_ms`` are ``fast``'s per-call parts
+    timed alone (:func:`per_call_parts`), the least per-call work its call can do; ``ceiling`` is
+    ``slow``'s call over ``fast``'s passes plus those parts: the speed-up if ``fast`` did nothing else
+    (with the passes as they are, a bound: the slow model's own per-call work and its guidance
+    arithmetic stay in its call). For ``bars[task]`` (the speed-up asked for), ``other_allowed_ms`` is the
+    per-call work ``fast`` may do beside its passes to reach it against ``slow``'s call:
+    ``call_slow / bar - P_fast``."""
     out: dict[str, dict[str, Any]] = {}
     for task in ("t2i", "edit"):
-        fn = speed_call(task, 1)
-        able = _warm(fn, {name: models[name] for name in (slow, fast)})
-        if len(able) < 2:
+        rk, pk = f"{task}_b1_rounds_s", f"{task}_b1_pass_rounds_s"
+        if not all(rk in timing[name] and pk in timing[name] for name in (slow, fast)):
             continue
-        calls: dict[str, list[tuple[float, float]]] = {name: [] for name in able}
-        for _ in range(rounds):
-            for name, model in able.items():
-                t0 = time.perf_counter()
-                fn(model)
-                calls[name].append((time.perf_counter() - t0, model.last_pass_s))
         row: dict[str, Any] = {}
-        for name, c in calls.items():
-            call, passes = (float(np.median([v[i] for v in c])) * 1e3 for i in (0, 1))
+        for name in (slow, fast):
+            call, passes = (float(np.median(timing[name][k])) * 1e3 for k in (rk, pk))
             row[name] = {"call_ms": round(call, 3), "passes_ms": round(passes, 3), "other_ms": round(call - passes, 3),
-                         "nfe": able[name].last_nfe}
-        parts = {k: v * 1e3 for k, v in per_call_parts(able[fast], task).items()}
+                         "nfe": int(timing[name][f"nfe_{task}"])}
+        parts = {k: v * 1e3 for k, v in per_call_parts(models[fast], task).items()}
         p_fast, floor = row[fast]["passes_ms"], sum(parts.values())
         row["speedup"] = round(row[slow]["call_ms"] / row[fast]["call_ms"], 2)
         row["passes_only"] = round(row[slow]["passes_ms"] / p_fast, 2)

@@ -27,11 +27,6 @@ SPEED_CELL_S = 40.0  # ... and of as many more as fit in this many seconds per t
 SPEEDUP_BARS = {"t2i": 15.0, "edit": 20.0}  # issue 4: the 6-NFE model's wall-clock speed-up at batch 1 and 16
 
 
-def batch1_rounds(profile: str) -> int:
-    """Alternating batch-1 calls per task for `distill6`'s `batch1` breakdown (a smoke run: a few)."""
-    return 3 if profile == "smoke" else 30
-
-
 def speed_cell_s(profile: str) -> float:
     """Seconds a speed cell samples for: none beyond its rounds in the smoke profile (a check, not a
     measurement), ``SPEED_CELL_S`` otherwise."""
@@ -217,17 +212,22 @@ def eval_settings(params: dict[str, Any], stage: str) -> dict[str, Any]:
     return EvalParams.model_validate(params.get(stage) or {}).model_dump(include=set(EVAL_SETTINGS))
 
 
-def timed_speedups(models: dict[str, Any], slow: str, fast: str, batch: int, profile: str) -> dict[str, Any]:
+def timed_speedups(models: dict[str, Any], slow: str, fast: str, batch: int, profile: str,
+                   bars: dict[str, float] | None = None) -> dict[str, Any]:
     """``models`` timed in alternation (``compare_speed``): ``speedup`` of ``fast`` against ``slow`` (the
     median of the rounds' paired ratios), ``speedup_range`` (their extremes) and ``sample_s`` (each
-    model's best seconds per image and its NFE, without the per-round samples)."""
-    from components.base_eval import compare_speed, speedup_ranges, speedups
+    model's best seconds per image and its NFE, without the per-round samples); with ``bars``, also
+    ``batch1``: the same batch-1 rounds split into passes and the rest (``batch1_breakdown``)."""
+    from components.base_eval import batch1_breakdown, compare_speed, speedup_ranges, speedups
 
     timing = compare_speed(models, batch, repeats=SPEED_REPEATS, min_seconds=speed_cell_s(profile))
-    return {"speedup": speedups(timing[slow], timing[fast], batch),
-            "speedup_range": speedup_ranges(timing[slow], timing[fast], batch),
-            "sample_s": {name: {k: v for k, v in t.items() if not k.endswith("_rounds_s")}
-                         for name, t in timing.items()}}
+    out = {"speedup": speedups(timing[slow], timing[fast], batch),
+           "speedup_range": speedup_ranges(timing[slow], timing[fast], batch),
+           "sample_s": {name: {k: v for k, v in t.items() if not k.endswith("_rounds_s")}
+                        for name, t in timing.items()}}
+    if bars is not None:
+        out["batch1"] = batch1_breakdown(timing, models, slow, fast, bars)
+    return out
 
 
 def stage_record(manifest: dict[str, Any]) -> dict[str, Any]:
@@ -279,10 +279,7 @@ def distill6_section(profile: str) -> dict[str, Any]:
 
     models = {"teacher": Teacher.load(ws.out_path("base")).frozen(), "dmdo": Teacher.load(ws.out_path("dmdo")).frozen()}
     batch = int((params.get("dmdo_eval") or {}).get("batch", 16))
-    speed = timed_speedups(models, "teacher", "dmdo", batch, profile)
-    from components.base_eval import batch1_breakdown
-
-    speed["batch1"] = batch1_breakdown(models, "teacher", "dmdo", SPEEDUP_BARS, rounds=batch1_rounds(profile))
+    speed = timed_speedups(models, "teacher", "dmdo", batch, profile, bars=SPEEDUP_BARS)
     reports = find_project() / "reports" / "distill6"
     reports.mkdir(parents=True, exist_ok=True)
     images = []

@@ -68,11 +68,12 @@ def test_speed_section_times_teacher_and_student(tiny_profile):
 def test_the_batch1_breakdown_splits_each_call_into_passes_and_the_rest():
     """`distill6`'s `batch1`: per task each model's call, its passes and the rest (NFE as counted), the
     student's per-call parts timed alone, and the speed-ups and budgets derived from them."""
-    from components.base_eval import batch1_breakdown
+    from components.base_eval import batch1_breakdown, compare_speed
 
     torch.set_num_threads(1)
     pair = {k: m.frozen() for k, m in untrained_pair(base.Params(**TINY), sample_steps=3, shift=3.0).items()}
-    rep = batch1_breakdown(pair, "teacher", "student", {"t2i": 15.0}, rounds=2)
+    timing = compare_speed(pair, batch=2, repeats=2)
+    rep = batch1_breakdown(timing, pair, "teacher", "student", {"t2i": 15.0})
     assert set(rep) == {"t2i", "edit"}
     assert (rep["t2i"]["teacher"]["nfe"], rep["t2i"]["student"]["nfe"]) == (100, 3)
     assert (rep["edit"]["teacher"]["nfe"], rep["edit"]["student"]["nfe"]) == (132, 3)
@@ -104,7 +105,8 @@ def test_speed_comparison_times_only_the_tasks_a_model_can_do(monkeypatch):
     monkeypatch.setattr(be, "speed_inputs", lambda: (prompt, src, "make it sparkle"))
     timing = be.compare_speed(pair, batch=2, repeats=1)
     for name in ("teacher", "student"):
-        assert set(timing[name]) == {"t2i_b2_s", "t2i_b1_s", "nfe_t2i", "t2i_b2_rounds_s", "t2i_b1_rounds_s"}
+        assert set(timing[name]) == {"t2i_b2_s", "t2i_b1_s", "nfe_t2i", "t2i_b2_rounds_s", "t2i_b1_rounds_s",
+                                     "t2i_b2_pass_rounds_s", "t2i_b1_pass_rounds_s"}
         assert all(v > 0 for k, v in timing[name].items() if not k.endswith("rounds_s"))
         for cell in ("t2i_b1", "t2i_b2"):  # one round (repeats=1); the best is the round's sample
             assert len(timing[name][f"{cell}_rounds_s"]) == 1
