@@ -49,6 +49,7 @@ from components.models.tokens import Tokenizer, split
 from components.models.understanding import IGNORE, Understanding, UnderstandingConfig
 from components.world.geneval_prompts import make_prompts
 from components.world.palette import CLASSES, COLOUR_NAMES
+from components.world.understanding import question_kind
 from components.training import (Export, StageContext, TrainParams, TrainState, ema_update, scheduled_lr, set_lr,
                                  step_generator, warmup_lr)
 
@@ -484,12 +485,22 @@ def evaluate(state: TrainState) -> dict[str, float]:
 
 def answer_accuracy(teacher: Teacher, rows: Rows, limit: int, batch: int = 32) -> float:
     """Share of Q&A rows (captions excluded) whose greedy answer equals the reference word for word."""
+    return answer_accuracy_by_kind(teacher, rows, limit, batch)["overall"]
+
+
+def answer_accuracy_by_kind(teacher: Teacher, rows: Rows, limit: int, batch: int = 32) -> dict[str, float]:
+    """:func:`answer_accuracy` (``overall``) and the same share per question kind
+    (``components/world/understanding.question_kind``; questions of no known kind count in ``overall`` only)."""
     idx = [i for i, q in enumerate(rows.texts) if q != CAPTION_PROMPT][:limit]
     if not idx:
-        return math.nan
-    right = 0
+        return {"overall": math.nan}
+    right: dict[str, list[int]] = {}
     for s in range(0, len(idx), batch):
         part = idx[s:s + batch]
         answers = teacher.ask(_hwc(rows.images[part]), [rows.texts[i] for i in part])
-        right += sum(split(a) == split(rows.answers[i]) for a, i in zip(answers, part))
-    return right / len(idx)
+        for a, i in zip(answers, part):
+            ok = int(split(a) == split(rows.answers[i]))
+            for key in ("overall", question_kind(rows.texts[i])):
+                if key is not None:
+                    right.setdefault(key, []).append(ok)
+    return {k: sum(v) / len(v) for k, v in right.items()}

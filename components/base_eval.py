@@ -39,7 +39,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from components import sampling
 from components.base import Params as BaseParams
-from components.base import answer_accuracy, build_teacher
+from components.base import answer_accuracy_by_kind, build_teacher
 from components.base_data import CAPTION_PROMPT, Rows, WorldSets, load_world
 from components.checkpoints import load_checkpoint
 from components.evaluation import geneval
@@ -450,7 +450,10 @@ def run(ctx: StageContext, out_dir: Path) -> dict[str, float]:
 
     if p.und_rows:
         questions = understanding_rows(load_world(ctx.data_dir), p.und_rows, teacher, p.und_seed)
-        metrics["understanding_accuracy"] = answer_accuracy(teacher, questions, p.und_rows, batch=p.batch)
+        by_kind = answer_accuracy_by_kind(teacher, questions, p.und_rows, batch=p.batch)
+        metrics["understanding_accuracy"] = by_kind.pop("overall")
+        for kind, acc in by_kind.items():  # where the answers go wrong: understanding_position, ...
+            metrics[f"understanding_{kind}"] = acc
         metrics["understanding_rows"] = float(len(questions))
     else:
         metrics["understanding_accuracy"] = math.nan

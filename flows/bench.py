@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from components.checkpoints import read_json
+from components.world.understanding import QUESTION_KINDS
 
 SPEED_REPEATS = 6  # distill6 and speed: at least this many rounds per task and batch, teacher and student alternating
 SPEED_CELL_S = 40.0  # ... and of as many more as fit in this many seconds per task and batch (compare_speed)
@@ -177,6 +178,7 @@ def base_section(profile: str) -> dict[str, Any]:
         "geneval": {"overall": m.get("geneval_overall"), "tasks": ev["geneval"]["tags"]},
         "gedit": {lang: {k: ev["gedit"][lang][k] for k in ("SC", "PQ", "O")} for lang in ev["gedit"]},
         "understanding_accuracy": m.get("understanding_accuracy"),
+        "understanding_kinds": {k: m[f"understanding_{k}"] for k in QUESTION_KINDS if f"understanding_{k}" in m},
         "nfe": {"t2i": m.get("nfe_t2i"), "edit": m.get("nfe_edit")},
         "train_s": (base.get("metrics") or {}).get("train_s"),
         "stage_s": {"base": (base.get("timing") or {}).get("stage_s"),

@@ -92,6 +92,18 @@ def _existence(scene: Scene, rng: np.random.Generator) -> tuple[str, str] | None
     return f"is there {article(colour)} {colour} {cls}?", "no"
 
 
+# how each kind's question begins (the templates above); captions and other prompts have no kind
+_OPENINGS = (("how many ", "count"), ("what colour is the ", "colour"), ("what shape is the ", "shape"),
+             ("where is the ", "position"), ("is there ", "existence"))
+
+
+def question_kind(question: str) -> str | None:
+    """The kind of a question worded as :func:`ask` words it (``"where is the ..."`` -> ``"position"``),
+    None for anything else (a caption prompt, a user's own question)."""
+    q = question.strip().lower()
+    return next((kind for opening, kind in _OPENINGS if q.startswith(opening)), None)
+
+
 _ASK = {"count": _count, "colour": _colour, "shape": _shape, "position": _position, "existence": _existence}
 
 

@@ -137,6 +137,29 @@ def test_understanding_rows_are_the_worlds_held_out_questions_then_fresh_ones(se
     assert small.texts == rows.texts[:n - 10] and torch.equal(small.images, rows.images[:n - 10])
 
 
+def test_answer_accuracy_by_kind_splits_the_overall_share_by_question_kind(setup_dirs):  # noqa: F811
+    from components.base import _hwc, answer_accuracy, answer_accuracy_by_kind
+    from components.base_eval import understanding_rows
+    from components.inference import Teacher
+    from components.models.tokens import split
+    from components.world.understanding import question_kind
+
+    world_dir, ckpt = setup_dirs
+    teacher, world = Teacher.load(ckpt).frozen(), load_world(world_dir)
+    rows = understanding_rows(world, 40, teacher)
+    answers = teacher.ask(_hwc(rows.images), rows.texts)
+    right = [split(a) == split(b) for a, b in zip(answers, rows.answers)]
+    kinds = [question_kind(q) for q in rows.texts]
+    got = answer_accuracy_by_kind(teacher, rows, 40, batch=7)  # batches that do not divide the rows
+    assert got["overall"] == pytest.approx(sum(right) / len(right))
+    assert got["overall"] == answer_accuracy(teacher, rows, 40)
+    assert set(got) == {"overall"} | {k for k in kinds if k is not None}
+    for kind in set(kinds) - {None}:
+        mine = [r for r, k in zip(right, kinds) if k == kind]
+        assert got[kind] == pytest.approx(sum(mine) / len(mine))
+    assert answer_accuracy_by_kind(teacher, rows.subset([]), 40) == {"overall": pytest.approx(float("nan"), nan_ok=True)}
+
+
 class _Workspace:
     """The three things the report section reads from a profile's workspace."""
 

@@ -28,6 +28,13 @@ def test_smoke_profile_runs_every_stage_then_nothing(tmp_path, monkeypatch, pref
         manifest = json.loads((ws / "data" / s / "manifest.json").read_text())
         assert manifest["stage"] == s and manifest["profile"] == "smoke"
 
+    # the teacher's held-out answers are scored per question kind too (where understanding goes wrong)
+    from components.world.understanding import QUESTION_KINDS
+
+    ev = json.loads((ws / "data" / "base_eval" / "results.json").read_text())["metrics"]
+    kinds = [k for k in QUESTION_KINDS if f"understanding_{k}" in ev]
+    assert kinds and all(0.0 <= ev[f"understanding_{k}"] <= 1.0 for k in kinds), ev
+
     again = pipeline(profile="smoke")
     assert not any(r["executed"] for r in again["stages"].values())
 

@@ -16,7 +16,7 @@ from components.world.geneval_prompts import oracle_scene, sample
 from components.world.palette import CLASSES
 from components.world.prompts import NUMBERS, describe, plural
 from components.world.render import Obj, Scene, render
-from components.world.understanding import caption, clear_relation, questions
+from components.world.understanding import caption, clear_relation, question_kind, questions
 
 SMALL = dict(n_t2i=12, n_edit=6, n_qa=12, n_captions=4, n_prefs=8, gedit_scale=0.01, geneval_n=10)
 
@@ -140,6 +140,22 @@ def test_questions_have_exact_answers():
                 subject, ref = _named(first, objs), _named(second, objs)
                 assert a in ("left of", "right of", "above", "below") and clear_relation(subject, ref) == a
     assert seen == {"count", "colour", "shape", "position", "existence"}
+
+
+def test_question_kind_names_the_kind_of_every_question_the_world_asks():
+    from components.base_data import CAPTION_PROMPT
+    from components.world.render import random_scene
+
+    rng = np.random.default_rng(11)
+    seen = set()
+    for _ in range(100):
+        for kind, q, _ in questions(random_scene(rng, int(rng.integers(1, 5))), rng, 5):
+            assert question_kind(q) == kind, q
+            seen.add(kind)
+    assert len(seen) == 5
+    assert question_kind("How many circles are there?") == "count"  # case and spaces as a user types them
+    for other in (CAPTION_PROMPT, "what is this?", "describe the shapes."):
+        assert question_kind(other) is None
 
 
 def test_captions_are_several_sentences_from_the_scene():
