@@ -18,7 +18,8 @@
 ``source: finetune`` loads it the same way and trains it further: its architecture, tokenizer
 and autoencoder (frozen: no autoencoder phase) are kept, both experts and the generator's EMA
 start from its weights, ``train_s`` goes on from its own, and the checkpoint names it as its
-parent (``finetuned_from``). With ``lr_schedule: linear`` this is the anneal of a warm-up /
+parent (``finetuned_from``); with ``train_generation: false`` only the understanding expert trains
+and the generator is the parent's, byte for byte. With ``lr_schedule: linear`` this is the anneal of a warm-up /
 stable / decay schedule: the full profile's teacher trained at a constant rate, and a short
 linear decay on top of it scored higher on GenEval-shapes and GEdit-shapes (reports/NOTES.md,
 twentieth session).
@@ -121,6 +122,8 @@ class Params(TrainParams):
     und_batch_size: int = Field(32, ge=1)
     und_lr: float = Field(1e-3, gt=0)
     und_every: int = Field(1, ge=1, description="train the understanding expert every N steps")
+    train_generation: bool = Field(True, description="False (source finetune only): train the understanding expert "
+                                                     "alone; the generator and its EMA stay the parent's, byte for byte")
 
     sample_steps: int = Field(50, ge=1, description="Euler steps of the exported sample grids")
     probe_every: int = Field(0, ge=0, description="every N generation steps, score the EMA generator on a few "
@@ -133,6 +136,8 @@ class Params(TrainParams):
     def _check(self) -> "Params":
         if self.source in ("import", "finetune") and not (self.import_path and self.import_md5):
             raise ValueError(f"source {self.source!r} needs import_path and import_md5")
+        if not self.train_generation and self.source != "finetune":
+            raise ValueError("train_generation: false keeps a parent's generator; it needs source: finetune")
         if self.source == "train" and self.ae_phase >= self.steps:
             raise ValueError(f"ae_steps ({self.ae_steps}) must be below steps ({self.steps})")
         if self.source == "train" and self.gen_space == "latent" and self.ae_steps < 1:
@@ -271,7 +276,7 @@ def train_step(state: TrainState, step: int) -> dict[str, float]:
     metrics: dict[str, float] = {}
     if step < p.ae_phase:
         metrics.update(_ae_step(state, step, g))
-    else:
+    elif p.train_generation:
         metrics.update(_gen_step(state, step - p.ae_phase, g))
     if state.data["und"] is not None and step % p.und_every == 0:
         metrics.update(_und_step(state, step // p.und_every, g))
@@ -279,7 +284,7 @@ def train_step(state: TrainState, step: int) -> dict[str, float]:
     clock += time.time() - t0
     metrics["train_s"] = float(clock)  # the probe below is monitoring, not training: not counted
     gen_steps = step + 1 - p.ae_phase
-    if p.probe_every and gen_steps > 0 and gen_steps % p.probe_every == 0:
+    if p.probe_every and p.train_generation and gen_steps > 0 and gen_steps % p.probe_every == 0:
         metrics["geneval_probe"] = probe_geneval(state)
     return metrics
 

@@ -179,6 +179,27 @@ def test_finetune_continues_an_imported_teacher_with_its_lineage_and_clock(world
         run_training(base, ctx(world, **{**kw, "import_md5": "0" * 32 + ".dir"}), LocalReporter(tmp_path / "x"))
 
 
+def test_finetune_of_the_understanding_expert_alone_keeps_the_parents_generator(world, tmp_path):
+    """train_generation false: only the understanding expert trains (no gen_loss, no quality probe), and the
+    exported generator is the parent's byte for byte; without source finetune it is refused."""
+    torch.set_num_threads(1)
+    exp = base.export(run_training(base, ctx(world), LocalReporter(tmp_path / "p")))
+    md5 = checkpoints.save_checkpoint(tmp_path / "ckpt", exp.tensors, exp.config, {"stage": "base"}, exp.samples)
+    with pytest.raises(ValueError, match="train_generation"):
+        base.Params(train_generation=False)
+    kw = dict(source="finetune", import_path=str(tmp_path / "ckpt"), import_md5=md5, steps=3,
+              train_generation=False, probe_every=1, probe_per_tag=1)
+    tuned = run_training(base, ctx(world, **kw), LocalReporter(tmp_path / "u"))
+    hist = tuned.extra["history"]
+    assert len(hist) == 3 and all("und_loss" in h and "gen_loss" not in h and "geneval_probe" not in h
+                                  for h in hist)
+    out = base.export(tuned)
+    for k, v in exp.tensors.items():
+        if k.startswith(("generator.", "autoencoder.")):
+            assert torch.equal(out.tensors[k], v), k
+    assert any(not torch.equal(out.tensors[k], v) for k, v in exp.tensors.items() if k.startswith("understanding."))
+
+
 @pytest.mark.parametrize("factor,patch", [(1, 8), (2, 4)])
 def test_pixel_space_x0_generator_trains_every_step_exports_and_loads(world, tmp_path, factor, patch):
     """gen_space pixel: no autoencoder phase, the generator draws RGB (at 64 / factor per side) and
