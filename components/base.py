@@ -50,7 +50,8 @@ from components.models.tokens import Tokenizer, split
 from components.models.understanding import IGNORE, Understanding, UnderstandingConfig
 from components.world.geneval_prompts import make_prompts
 from components.world.palette import CLASSES, COLOUR_NAMES
-from components.world.understanding import question_kind
+from components.world.render import Scene
+from components.world.understanding import QUESTION_KINDS, question_kind, referents
 from components.training import (Export, StageContext, TrainParams, TrainState, ema_update, scheduled_lr, set_lr,
                                  step_generator, warmup_lr)
 
@@ -119,6 +120,13 @@ class Params(TrainParams):
     und_encoder: Literal["patch", "cnn"] = Field("patch", description="the understanding expert's image encoder")
     und_object_loss: float = Field(0.0, ge=0, description="weight of the object heads' loss on the image tokens "
                                                           "(class and colour per grid cell, from the rows' scenes)")
+    und_locate_loss: float = Field(0.0, ge=0, description="weight of the locate head's loss: at the last token of "
+                                                          "each object a question names, where that object lies "
+                                                          "(components/models/understanding.py)")
+    und_locate_bins: int = Field(8, ge=2, description="columns (and rows) the locate head places an object among")
+    und_locate_layer: int = Field(0, ge=0, description="the layer the locate head reads (0: half the depth)")
+    und_kind_weights: dict[str, float] = Field(default_factory=dict, description="question kind -> how many times as "
+                                               "often its rows are drawn (e.g. {position: 4}); other rows weigh 1")
     und_batch_size: int = Field(32, ge=1)
     und_lr: float = Field(1e-3, gt=0)
     und_every: int = Field(1, ge=1, description="train the understanding expert every N steps")
@@ -136,6 +144,11 @@ class Params(TrainParams):
     def _check(self) -> "Params":
         if self.source in ("import", "finetune") and not (self.import_path and self.import_md5):
             raise ValueError(f"source {self.source!r} needs import_path and import_md5")
+        unknown = sorted(set(self.und_kind_weights) - set(QUESTION_KINDS))
+        if unknown:
+            raise ValueError(f"und_kind_weights: unknown question kind(s) {unknown}; kinds: {', '.join(QUESTION_KINDS)}")
+        if any(w <= 0 for w in self.und_kind_weights.values()):
+            raise ValueError("und_kind_weights must be > 0 (leave a kind out to keep its rows at weight 1)")
         if not self.train_generation and self.source != "finetune":
             raise ValueError("train_generation: false keeps a parent's generator; it needs source: finetune")
         if self.source == "train" and self.ae_phase >= self.steps:
@@ -178,7 +191,8 @@ def build_teacher(p: Params, tok: Tokenizer) -> Teacher:
         vocab_size=len(tok), pad_id=tok.pad_id, sep_id=tok.sep_id, eos_id=tok.eos_id, hidden=p.und_hidden,
         layers=p.und_layers, heads=p.und_heads, kv_heads=p.und_kv_heads, intermediate=p.und_intermediate,
         grid=p.und_grid, encoder=p.und_encoder, object_classes=len(CLASSES) if heads else 0,
-        object_colours=len(COLOUR_NAMES) if heads else 0))
+        object_colours=len(COLOUR_NAMES) if heads else 0,
+        locate_bins=p.und_locate_bins if p.und_locate_loss > 0 else 0, locate_layer=p.und_locate_layer))
     return Teacher(ae, gen, und, tok, bf16=p.bf16)
 
 
@@ -201,6 +215,8 @@ def setup(ctx: StageContext) -> TrainState:
     if p.source == "finetune":  # the imported teacher, trained further: its tokenizer, frozen autoencoder and clock
         teacher, extra["finetuned_from"], manifest = _load_import(ctx)
         metrics = manifest.get("metrics") or {}
+        if p.und_locate_loss > 0 and teacher.understanding.locate_head is None:
+            teacher.understanding.add_locate_head(p.und_locate_bins, p.und_locate_layer)
     else:
         teacher, metrics = build_teacher(p, _tokenizer(world)), {}
     ema = Generator(teacher.generator.cfg)
@@ -219,7 +235,8 @@ def setup(ctx: StageContext) -> TrainState:
     if trainable:
         optimizers["ae"] = torch.optim.AdamW(modules["autoencoder"].parameters(), lr=p.ae_lr, weight_decay=0.0)
     data = {"world": world, "gen_text": {}, "und": _und_rows(world, teacher),
-            "und_objects": _und_objects(world, teacher)}
+            "und_objects": _und_objects(world, teacher), "und_locate": _und_locate(world, teacher),
+            "und_weights": _und_weights(world, p.und_kind_weights)}
     return TrainState(modules, optimizers, data, extra={"params": p, "rank": ctx.rank, "teacher": teacher, **extra})
 
 
@@ -263,6 +280,35 @@ def _und_objects(world: WorldSets, teacher: Teacher) -> dict[str, torch.Tensor] 
     scenes = rows.scenes or [None] * len(rows)
     cells = [object_cells(s, und.cfg.grid, und.cfg.image_size, CLASSES, COLOUR_NAMES) for s in scenes]
     return {name: torch.tensor([c[name] for c in cells], dtype=torch.long) for name in und.object_heads}
+
+
+def _und_locate(world: WorldSets, teacher: Teacher) -> list[list[tuple[int, int, int]]] | None:
+    """The locate head's targets of every understanding row: (index of the name's last token in the
+    question's ids, column, row of the named object's centre) per object the question names; None
+    without a locate head. Rows without a scene, or whose question names no object, have none."""
+    und = teacher.understanding
+    if world.und_train is None or und.locate_head is None:
+        return None
+    rows, bins = world.und_train, und.cfg.locate_bins
+    scenes = rows.scenes or [None] * len(rows)
+    out = []
+    for question, scene in zip(rows.texts, scenes):
+        targets = []
+        if scene is not None:
+            sc = Scene.from_json(scene)
+            for prefix, obj in referents(question, sc):
+                cell = [min(bins - 1, int(c * bins / sc.size)) for c in (obj.cx, obj.cy)]
+                targets.append((len(teacher.encode(prefix)) - 1, *cell))
+        out.append(targets)
+    return out
+
+
+def _und_weights(world: WorldSets, kind_weights: dict[str, float]) -> torch.Tensor | None:
+    """Each understanding row's weight when batches are drawn (``und_kind_weights``); None: uniform."""
+    if world.und_train is None or not kind_weights:
+        return None
+    return torch.tensor([kind_weights.get(question_kind(q), 1.0) for q in world.und_train.texts],
+                        dtype=torch.float64)
 
 
 # ---------------------------------------------------------------- training
@@ -384,13 +430,16 @@ def _gen_step(state: TrainState, step: int, g: torch.Generator) -> dict[str, flo
     return {"gen_loss": loss.item()}
 
 
-def _und_batch(state: TrainState, g: torch.Generator
-               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor] | None]:
+def _und_batch(state: TrainState, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict]:
     """Images, right-padded ``question sep answer eos`` ids, labels on the answer and eos only, and
-    the object heads' targets (None without heads)."""
+    the auxiliary targets: ``objects`` (the object heads') and ``locate`` (the locate head's, ``(K, 4)``)
+    where the model has those heads. Rows are drawn uniformly, or by ``und_kind_weights``."""
     p: Params = state.extra["params"]
-    rows = state.data["und"]
-    idx = torch.randint(0, len(rows), (p.und_batch_size,), generator=g)
+    rows, weights = state.data["und"], state.data.get("und_weights")
+    if weights is None:
+        idx = torch.randint(0, len(rows), (p.und_batch_size,), generator=g)
+    else:
+        idx = torch.multinomial(weights, p.und_batch_size, replacement=True, generator=g)
     width = max(len(rows[i][0]) + len(rows[i][1]) for i in idx.tolist())
     ids = torch.full((len(idx), width), state.extra["teacher"].tokenizer.pad_id, dtype=torch.long)
     labels = torch.full((len(idx), width), IGNORE, dtype=torch.long)
@@ -398,24 +447,33 @@ def _und_batch(state: TrainState, g: torch.Generator
         q, a = rows[i]
         ids[r, :len(q) + len(a)] = torch.tensor(q + a)
         labels[r, len(q):len(q) + len(a)] = torch.tensor(a)
+    aux = {}
     objects = state.data.get("und_objects")
-    objects = {name: t[idx] for name, t in objects.items()} if objects is not None else None
-    return images_to_unit(state.data["world"].und_train.images[idx]), ids, labels, objects
+    if objects is not None:
+        aux["objects"] = {name: t[idx] for name, t in objects.items()}
+    locate = state.data.get("und_locate")
+    if locate is not None:
+        aux["locate"] = torch.tensor([(r, *t) for r, i in enumerate(idx.tolist()) for t in locate[i]],
+                                     dtype=torch.long).reshape(-1, 4)
+    return images_to_unit(state.data["world"].und_train.images[idx]), ids, labels, aux
 
 
 def _und_step(state: TrainState, step: int, g: torch.Generator) -> dict[str, float]:
     p: Params = state.extra["params"]
-    images, ids, labels, objects = _und_batch(state, g)
+    images, ids, labels, aux = _und_batch(state, g)
     model, opt = state.modules["understanding"], state.optimizers["und"]
     set_lr(opt, scheduled_lr(p.und_lr, step, p.warmup, math.ceil(p.steps / p.und_every), p.lr_schedule))
     logs = {}
     with autocast(p.bf16):
-        if objects is None:
+        if not aux:
             lm_loss = loss = model(images, ids, labels)
         else:
-            lm_loss, obj = model(images, ids, labels, objects)
-            logs["und_object_loss"] = obj.item()
-            loss = lm_loss + p.und_object_loss * obj
+            losses = model(images, ids, labels, **aux)
+            lm_loss = loss = losses["lm"]
+            for name, weight in (("object", p.und_object_loss), ("locate", p.und_locate_loss)):
+                if name in losses:
+                    logs[f"und_{name}_loss"] = losses[name].item()
+                    loss = loss + weight * losses[name]
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()

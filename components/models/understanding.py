@@ -12,6 +12,12 @@ Optional object heads (``object_classes``, ``object_colours``) read each image t
 the object centred in its cell; ``forward(..., objects=...)`` adds their loss, with targets from
 the scenes the world data carries, so the encoder learns to see shapes before the language model
 has learned to ask about them.
+
+An optional locate head (``locate_bins``) reads the hidden state after layer ``locate_layer`` at the
+last token of each object a question names ("the red circle" in "where is the red circle relative
+to the square?") and predicts where that object's centre lies (``locate_bins`` columns and rows):
+it teaches the language model to carry each named object's place into the question, which a
+relation between two objects needs (reports/NOTES.md, twenty-ninth session).
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
@@ -50,6 +56,20 @@ class UnderstandingConfig(BaseModel):
     object_classes: int = Field(0, ge=0, description="> 0: a per-token head predicting the class of the object "
                                                      "centred in each grid cell (0 = none)")
     object_colours: int = Field(0, ge=0, description="> 0: the same for its colour")
+    locate_bins: int = Field(0, ge=0, description="> 0: a head predicting, at the last token of each object a "
+                                                  "question names, the column and row (of this many) of its centre")
+    locate_layer: int = Field(0, ge=0, description="the layer whose output the locate head reads (0: half the depth)")
+
+    @model_validator(mode="after")
+    def _check_locate(self) -> "UnderstandingConfig":
+        if self.locate_layer > self.layers:
+            raise ValueError(f"locate_layer {self.locate_layer} is deeper than the model's {self.layers} layers")
+        return self
+
+    @property
+    def locate_at(self) -> int:
+        """The layer the locate head reads (1-based: the output of that decoder layer)."""
+        return self.locate_layer or max(1, self.layers // 2)
 
     def lm_config(self) -> Qwen2Config:
         return Qwen2Config(vocab_size=self.vocab_size, hidden_size=self.hidden, intermediate_size=self.intermediate,
@@ -120,6 +140,16 @@ class Understanding(nn.Module):
             self.object_heads["cls"] = nn.Linear(cfg.hidden, cfg.object_classes + 1)
         if cfg.object_colours:
             self.object_heads["colour"] = nn.Linear(cfg.hidden, cfg.object_colours + 1)
+        self.locate_head = nn.Linear(cfg.hidden, 2 * cfg.locate_bins) if cfg.locate_bins else None
+
+    def add_locate_head(self, bins: int, layer: int = 0) -> None:
+        """Give a trained model a (fresh) locate head, e.g. before fine-tuning it with the locate loss."""
+        if self.locate_head is not None:
+            raise ValueError("this model already has a locate head")
+        cfg = UnderstandingConfig.model_validate({**self.cfg.model_dump(), "locate_bins": bins, "locate_layer": layer})
+        ref = next(self.lm.parameters())
+        self.cfg = cfg
+        self.locate_head = nn.Linear(cfg.hidden, 2 * bins).to(device=ref.device, dtype=ref.dtype)
 
     @property
     def n_image_tokens(self) -> int:
@@ -141,19 +171,39 @@ class Understanding(nn.Module):
         return torch.cat([tokens.to(self.lm.dtype), self.lm.get_input_embeddings()(ids)], dim=1)
 
     def forward(self, images: torch.Tensor, ids: torch.Tensor, labels: torch.Tensor,
-                objects: dict[str, torch.Tensor] | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+                objects: dict[str, torch.Tensor] | None = None, locate: torch.Tensor | None = None
+                ) -> torch.Tensor | dict[str, torch.Tensor]:
         """Cross-entropy of next-token prediction; ``labels`` is ``ids`` with IGNORE off the answer.
 
         ``ids``/``labels`` are right-padded ``(B, T)``; the image prefix is never a target. With
-        ``objects`` (see :meth:`_object_loss`), returns ``(lm_loss, object_loss)`` from one encoder pass.
+        ``objects`` (see :meth:`_object_loss`) or ``locate`` (see :meth:`_locate_loss`), returns
+        ``{"lm": ..., "object": ..., "locate": ...}`` (the losses asked for) from one pass.
         """
         tokens = self._tokens(images)
-        logits = self.lm(inputs_embeds=self._join(tokens, ids)).logits[:, self.n_image_tokens - 1:-1]
+        out = self.lm(inputs_embeds=self._join(tokens, ids), output_hidden_states=locate is not None)
+        logits = out.logits[:, self.n_image_tokens - 1:-1]
         lm_loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
                                   ignore_index=IGNORE)
-        if objects is None:
+        if objects is None and locate is None:
             return lm_loss
-        return lm_loss, self._object_loss(tokens, objects)
+        losses = {"lm": lm_loss}
+        if objects is not None:
+            losses["object"] = self._object_loss(tokens, objects)
+        if locate is not None:
+            losses["locate"] = self._locate_loss(out.hidden_states[self.cfg.locate_at], locate)
+        return losses
+
+    def _locate_loss(self, hidden: torch.Tensor, locate: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy of the locate head: ``locate`` is ``(K, 4)`` rows of (batch row, index of a
+        name's last token in ``ids``, column, row of that object's centre among ``locate_bins``);
+        the column's plus the row's loss, each a mean over the K names (0 when K is 0)."""
+        if self.locate_head is None:
+            raise ValueError("this model has no locate head (locate_bins is 0)")
+        if locate.numel() == 0:  # still touches the head, so a data-parallel step sees every parameter used
+            return 0.0 * self.locate_head.weight.float().sum()
+        out = self.locate_head(hidden[locate[:, 0], self.n_image_tokens + locate[:, 1]]).float()
+        bins = self.cfg.locate_bins
+        return F.cross_entropy(out[:, :bins], locate[:, 2]) + F.cross_entropy(out[:, bins:], locate[:, 3])
 
     def _object_loss(self, tokens: torch.Tensor, objects: dict[str, torch.Tensor]) -> torch.Tensor:
         """Cross-entropy of the object heads on the image tokens: ``objects[name]`` is ``(B, grid*grid)``,

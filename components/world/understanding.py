@@ -16,6 +16,8 @@ object (size, colour, class, region of the canvas), then the clear relations bet
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 
 from components.evaluation.geneval import relative_position
@@ -102,6 +104,47 @@ def question_kind(question: str) -> str | None:
     None for anything else (a caption prompt, a user's own question)."""
     q = question.strip().lower()
     return next((kind for opening, kind in _OPENINGS if q.startswith(opening)), None)
+
+
+# the questions that name objects, and the parts of each that are names
+_NAMING = (re.compile(r"(what colour is the (?P<a>[a-z ]+?))\?$"), re.compile(r"(what shape is the (?P<a>[a-z ]+?))\?$"),
+           re.compile(r"(where is the (?P<a>[a-z ]+?)) relative to the (?P<b>[a-z ]+?)\?$"))
+
+
+def _named(name: str, scene: Scene) -> Obj | None:
+    """The one object ``name`` names: a class ("circle"), a colour with "object" ("red object"), or a
+    colour and a class ("red circle"); None when no object or several fit."""
+    words = name.split()
+    if len(words) == 2 and words[1] == "object":
+        fits = [o for o in scene.objects if o.colour == words[0]]
+    elif len(words) == 2:
+        fits = [o for o in scene.objects if (o.colour, o.cls) == (words[0], words[1])]
+    else:
+        fits = [o for o in scene.objects if o.cls == name]
+    return fits[0] if len(fits) == 1 else None
+
+
+def referents(question: str, scene: Scene) -> list[tuple[str, Obj]]:
+    """The objects a question worded as :func:`ask` words it names, each with the question's text up
+    to and including its name: "where is the circle relative to the red square?" ->
+    ``[("where is the circle", circle), ("where is the circle relative to the red square", square)]``.
+    Empty for questions that name no single object (count, existence, captions) or whose names the
+    scene does not resolve to one object each."""
+    q = question.strip().lower()
+    for pattern in _NAMING:
+        m = pattern.match(q)
+        if m is None:
+            continue
+        out = []
+        for group in ("a", "b"):
+            if group not in pattern.groupindex:
+                continue
+            obj = _named(m.group(group), scene)
+            if obj is None:
+                return []
+            out.append((q[:m.end(group)], obj))
+        return out
+    return []
 
 
 _ASK = {"count": _count, "colour": _colour, "shape": _shape, "position": _position, "existence": _existence}

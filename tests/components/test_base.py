@@ -200,6 +200,71 @@ def test_finetune_of_the_understanding_expert_alone_keeps_the_parents_generator(
     assert any(not torch.equal(out.tensors[k], v) for k, v in exp.tensors.items() if k.startswith("understanding."))
 
 
+def _position_world(src: Path, dst: Path) -> Path:
+    """``src`` with its Q&A replaced by the world's own questions (with scenes) about two-object scenes."""
+    import shutil
+
+    from components.world.understanding import ask
+
+    shutil.copytree(src, dst)
+    rng, rows = np.random.default_rng(3), []
+    while len(rows) < 12:
+        scene = random_scene(rng, 2)
+        qa = ask(scene, ("position", "colour", "count")[len(rows) % 3], rng)
+        if qa is None:
+            continue
+        Image.fromarray(render(scene)).save(dst / "qa" / "images" / f"p{len(rows)}.png")
+        rows.append({"id": f"p{len(rows)}", "image": f"images/p{len(rows)}.png", "question": qa[0], "answer": qa[1],
+                     "scene": scene.to_json()})
+    _write(dst / "qa", "qa", rows)
+    return dst
+
+
+def test_locate_head_fine_tunes_on_the_objects_the_questions_name(world, tmp_path):
+    """und_locate_loss > 0 on a fine-tune: the parent's expert gets a locate head; its targets are the
+    last token of each name a question holds and the named object's column and row; und_kind_weights
+    draws position rows more often; the head is saved and reloads."""
+    from components.world.understanding import referents
+    from components.world.render import Scene
+
+    torch.set_num_threads(1)
+    pworld = _position_world(world, tmp_path / "w")
+    exp = base.export(run_training(base, ctx(pworld), LocalReporter(tmp_path / "p")))
+    assert not any("locate_head" in k for k in exp.tensors)
+    md5 = checkpoints.save_checkpoint(tmp_path / "ckpt", exp.tensors, exp.config, {"stage": "base"}, exp.samples)
+    with pytest.raises(ValueError, match="unknown question kind"):
+        base.Params(und_kind_weights={"positions": 2.0})
+    kw = dict(source="finetune", import_path=str(tmp_path / "ckpt"), import_md5=md5, steps=3, train_generation=False,
+              und_locate_loss=1.0, und_locate_bins=4, und_kind_weights={"position": 5.0})
+    tuned = run_training(base, ctx(pworld, **kw), LocalReporter(tmp_path / "u"))
+    teacher, data = tuned.extra["teacher"], tuned.data
+    rows = data["world"].und_train
+    assert teacher.understanding.cfg.locate_bins == 4 and teacher.understanding.cfg.locate_at == 1
+    n_position = 0
+    for i, (q, targets) in enumerate(zip(rows.texts, data["und_locate"])):
+        refs = referents(q, Scene.from_json(rows.scenes[i])) if rows.scenes[i] else []
+        assert len(targets) == len(refs)
+        ids = teacher.encode(q)
+        for (prefix, obj), (token, col, row) in zip(refs, targets):
+            assert teacher.tokenizer.decode([ids[token]]) == prefix.split()[-1]  # the name's last word
+            assert (col, row) == (int(obj.cx * 4 / 64), int(obj.cy * 4 / 64))
+        n_position += q.startswith("where is")
+        assert data["und_weights"][i].item() == (5.0 if q.startswith("where is") else 1.0)
+    assert 0 < n_position < len(rows)
+    where = teacher.encode("where")[0]
+    g = torch.Generator().manual_seed(0)
+    drawn = torch.cat([base._und_batch(tuned, g)[1][:, 0] for _ in range(50)])
+    share, uniform = (drawn == where).float().mean().item(), n_position / len(rows)
+    assert share > uniform + 0.2  # weighted 5:1, position rows come up far more often than their share
+    hist = tuned.extra["history"]
+    assert len(hist) == 3 and all(np.isfinite(h["und_locate_loss"]) for h in hist)
+    out = base.export(tuned)
+    assert out.tensors["understanding.locate_head.weight"].shape == (8, TINY["und_hidden"])
+    md5b = checkpoints.save_checkpoint(tmp_path / "ckpt2", out.tensors, out.config, {"stage": "base"}, out.samples)
+    again = Teacher.load(tmp_path / "ckpt2", md5b)
+    assert torch.equal(again.understanding.locate_head.weight, teacher.understanding.locate_head.weight.detach())
+
+
 @pytest.mark.parametrize("factor,patch", [(1, 8), (2, 4)])
 def test_pixel_space_x0_generator_trains_every_step_exports_and_loads(world, tmp_path, factor, patch):
     """gen_space pixel: no autoencoder phase, the generator draws RGB (at 64 / factor per side) and

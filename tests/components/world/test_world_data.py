@@ -158,6 +158,38 @@ def test_question_kind_names_the_kind_of_every_question_the_world_asks():
         assert question_kind(other) is None
 
 
+def test_referents_are_the_objects_each_question_names_with_the_text_up_to_each_name():
+    from components.world.render import random_scene
+    from components.world.understanding import referents
+
+    s = Scene((Obj("circle", "red", 12, 12, 12), Obj("circle", "blue", 50, 12, 12), Obj("star", "red", 30, 50, 12)))
+    assert referents("where is the blue circle relative to the star?", s) == [
+        ("where is the blue circle", s.objects[1]), ("where is the blue circle relative to the star", s.objects[2])]
+    assert referents("What colour is the star?", s) == [("what colour is the star", s.objects[2])]
+    assert referents("what shape is the blue object?", s) == [("what shape is the blue object", s.objects[1])]
+    for none in ("what colour is the circle?",  # two circles: the name does not pick one
+                 "how many circles are there?", "is there a red star?", "describe the image in detail",
+                 "where is the green square relative to the star?"):  # no such object
+        assert referents(none, s) == [], none
+    # on the world's own questions: every naming question resolves, to the objects its answer is about
+    rng = np.random.default_rng(5)
+    seen = set()
+    for _ in range(200):
+        scene = random_scene(rng, int(rng.integers(1, 5)))
+        for kind, q, a in questions(scene, rng, 5):
+            refs = referents(q, scene)
+            assert len(refs) == {"colour": 1, "shape": 1, "position": 2}.get(kind, 0), q
+            assert all(q.startswith(prefix) for prefix, _ in refs)
+            if kind == "colour":
+                assert refs[0][1].colour == a
+            elif kind == "shape":
+                assert refs[0][1].cls == a
+            elif kind == "position":
+                assert clear_relation(refs[0][1], refs[1][1]) == a
+            seen.add(kind)
+    assert {"colour", "shape", "position"} <= seen
+
+
 def test_captions_are_several_sentences_from_the_scene():
     s = Scene((Obj("circle", "red", 12, 12, 12), Obj("square", "blue", 50, 12, 12)))
     c = caption(s)
