@@ -11,7 +11,10 @@
    ``x_t = (1 - t) x0 + t eps``, logit-normal ``t`` shifted by 3), on a mix of T2I pairs and
    edit triplets, with text and source-image dropout so the CFG passes exist; an EMA of
    its weights is exported;
-3. every step: the understanding expert (next-token cross-entropy on answers and captions).
+3. every step: the understanding expert (next-token cross-entropy on answers and captions), plus,
+   from the scenes the rows carry, the object heads' loss (``und_object_loss``) and the locate
+   head's (``und_locate_loss``: where each object a question names lies, read at its name's last
+   token); ``und_kind_weights`` draws rows of some question kinds more often.
 
 ``source: import`` loads a base checkpoint from ``import_path`` (verified against
 ``import_md5`` before anything reads it) and exports it unchanged, with its lineage.
