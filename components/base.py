@@ -14,7 +14,8 @@
 3. every step: the understanding expert (next-token cross-entropy on answers and captions), plus,
    from the scenes the rows carry, the object heads' loss (``und_object_loss``) and the locate
    head's (``und_locate_loss``: where each object a question names lies, read at its name's last
-   token); ``und_kind_weights`` draws rows of some question kinds more often.
+   token, and with ``und_locate_colours`` its colour too); ``und_kind_weights`` draws rows of some
+   question kinds more often.
 
 ``source: import`` loads a base checkpoint from ``import_path`` (verified against
 ``import_md5`` before anything reads it) and exports it unchanged, with its lineage.
@@ -128,6 +129,8 @@ class Params(TrainParams):
                                                           "(components/models/understanding.py)")
     und_locate_bins: int = Field(8, ge=2, description="columns (and rows) the locate head places an object among")
     und_locate_layer: int = Field(0, ge=0, description="the layer the locate head reads (0: half the depth)")
+    und_locate_colours: bool = Field(False, description="the locate head also predicts each named object's colour "
+                                                        "(in the same loss); needs und_locate_loss > 0")
     und_kind_weights: dict[str, float] = Field(default_factory=dict, description="question kind -> how many times as "
                                                "often its rows are drawn (e.g. {position: 4}); other rows weigh 1")
     und_batch_size: int = Field(32, ge=1)
@@ -152,6 +155,8 @@ class Params(TrainParams):
             raise ValueError(f"und_kind_weights: unknown question kind(s) {unknown}; kinds: {', '.join(QUESTION_KINDS)}")
         if any(w <= 0 for w in self.und_kind_weights.values()):
             raise ValueError("und_kind_weights must be > 0 (leave a kind out to keep its rows at weight 1)")
+        if self.und_locate_colours and self.und_locate_loss <= 0:
+            raise ValueError("und_locate_colours is an output of the locate head; it needs und_locate_loss > 0")
         if not self.train_generation and self.source != "finetune":
             raise ValueError("train_generation: false keeps a parent's generator; it needs source: finetune")
         if self.source == "train" and self.ae_phase >= self.steps:
@@ -195,7 +200,8 @@ def build_teacher(p: Params, tok: Tokenizer) -> Teacher:
         layers=p.und_layers, heads=p.und_heads, kv_heads=p.und_kv_heads, intermediate=p.und_intermediate,
         grid=p.und_grid, encoder=p.und_encoder, object_classes=len(CLASSES) if heads else 0,
         object_colours=len(COLOUR_NAMES) if heads else 0,
-        locate_bins=p.und_locate_bins if p.und_locate_loss > 0 else 0, locate_layer=p.und_locate_layer))
+        locate_bins=p.und_locate_bins if p.und_locate_loss > 0 else 0, locate_layer=p.und_locate_layer,
+        locate_colours=len(COLOUR_NAMES) if p.und_locate_loss > 0 and p.und_locate_colours else 0))
     return Teacher(ae, gen, und, tok, bf16=p.bf16)
 
 
@@ -218,8 +224,11 @@ def setup(ctx: StageContext) -> TrainState:
     if p.source == "finetune":  # the imported teacher, trained further: its tokenizer, frozen autoencoder and clock
         teacher, extra["finetuned_from"], manifest = _load_import(ctx)
         metrics = manifest.get("metrics") or {}
-        if p.und_locate_loss > 0 and teacher.understanding.locate_head is None:
-            teacher.understanding.add_locate_head(p.und_locate_bins, p.und_locate_layer)
+        und = teacher.understanding
+        if p.und_locate_loss > 0 and und.locate_head is None:
+            und.add_locate_head(p.und_locate_bins, p.und_locate_layer)
+        if p.und_locate_loss > 0 and p.und_locate_colours and und.locate_colour_head is None:
+            und.add_locate_colours(len(COLOUR_NAMES))
     else:
         teacher, metrics = build_teacher(p, _tokenizer(world)), {}
     ema = Generator(teacher.generator.cfg)
@@ -285,10 +294,11 @@ def _und_objects(world: WorldSets, teacher: Teacher) -> dict[str, torch.Tensor] 
     return {name: torch.tensor([c[name] for c in cells], dtype=torch.long) for name in und.object_heads}
 
 
-def _und_locate(world: WorldSets, teacher: Teacher) -> list[list[tuple[int, int, int]]] | None:
+def _und_locate(world: WorldSets, teacher: Teacher) -> list[list[tuple[int, ...]]] | None:
     """The locate head's targets of every understanding row: (index of the name's last token in the
-    question's ids, column, row of the named object's centre) per object the question names; None
-    without a locate head. Rows without a scene, or whose question names no object, have none."""
+    question's ids, column, row of the named object's centre[, its colour's index in COLOUR_NAMES when
+    the head predicts colours]) per object the question names; None without a locate head. Rows
+    without a scene, or whose question names no object, have none."""
     und = teacher.understanding
     if world.und_train is None or und.locate_head is None:
         return None
@@ -301,7 +311,8 @@ def _und_locate(world: WorldSets, teacher: Teacher) -> list[list[tuple[int, int,
             sc = Scene.from_json(scene)
             for prefix, obj in referents(question, sc):
                 cell = [min(bins - 1, int(c * bins / sc.size)) for c in (obj.cx, obj.cy)]
-                targets.append((len(teacher.encode(prefix)) - 1, *cell))
+                colour = (COLOUR_NAMES.index(obj.colour),) if und.locate_colour_head is not None else ()
+                targets.append((len(teacher.encode(prefix)) - 1, *cell, *colour))
         out.append(targets)
     return out
 
@@ -435,7 +446,8 @@ def _gen_step(state: TrainState, step: int, g: torch.Generator) -> dict[str, flo
 
 def _und_batch(state: TrainState, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict]:
     """Images, right-padded ``question sep answer eos`` ids, labels on the answer and eos only, and
-    the auxiliary targets: ``objects`` (the object heads') and ``locate`` (the locate head's, ``(K, 4)``)
+    the auxiliary targets: ``objects`` (the object heads') and ``locate`` (the locate head's, ``(K, 4)``,
+    or ``(K, 5)`` with colours)
     where the model has those heads. Rows are drawn uniformly, or by ``und_kind_weights``."""
     p: Params = state.extra["params"]
     rows, weights = state.data["und"], state.data.get("und_weights")
@@ -456,8 +468,9 @@ def _und_batch(state: TrainState, g: torch.Generator) -> tuple[torch.Tensor, tor
         aux["objects"] = {name: t[idx] for name, t in objects.items()}
     locate = state.data.get("und_locate")
     if locate is not None:
+        width = 4 + (state.extra["teacher"].understanding.locate_colour_head is not None)
         aux["locate"] = torch.tensor([(r, *t) for r, i in enumerate(idx.tolist()) for t in locate[i]],
-                                     dtype=torch.long).reshape(-1, 4)
+                                     dtype=torch.long).reshape(-1, width)
     return images_to_unit(state.data["world"].und_train.images[idx]), ids, labels, aux
 
 

@@ -17,7 +17,9 @@ An optional locate head (``locate_bins``) reads the hidden state after layer ``l
 last token of each object a question names ("the red circle" in "where is the red circle relative
 to the square?") and predicts where that object's centre lies (``locate_bins`` columns and rows):
 it teaches the language model to carry each named object's place into the question, which a
-relation between two objects needs (reports/NOTES.md, twenty-ninth session).
+relation between two objects needs (reports/NOTES.md, twenty-ninth session). With ``locate_colours``
+it also predicts that object's colour there, so the object found is also read ("what colour is the
+circle?"; thirtieth session).
 """
 
 from __future__ import annotations
@@ -59,11 +61,15 @@ class UnderstandingConfig(BaseModel):
     locate_bins: int = Field(0, ge=0, description="> 0: a head predicting, at the last token of each object a "
                                                   "question names, the column and row (of this many) of its centre")
     locate_layer: int = Field(0, ge=0, description="the layer whose output the locate head reads (0: half the depth)")
+    locate_colours: int = Field(0, ge=0, description="> 0: the locate head also predicts the named object's colour "
+                                                     "(of this many); needs locate_bins")
 
     @model_validator(mode="after")
     def _check_locate(self) -> "UnderstandingConfig":
         if self.locate_layer > self.layers:
             raise ValueError(f"locate_layer {self.locate_layer} is deeper than the model's {self.layers} layers")
+        if self.locate_colours and not self.locate_bins:
+            raise ValueError("locate_colours needs a locate head (locate_bins > 0)")
         return self
 
     @property
@@ -141,6 +147,7 @@ class Understanding(nn.Module):
         if cfg.object_colours:
             self.object_heads["colour"] = nn.Linear(cfg.hidden, cfg.object_colours + 1)
         self.locate_head = nn.Linear(cfg.hidden, 2 * cfg.locate_bins) if cfg.locate_bins else None
+        self.locate_colour_head = nn.Linear(cfg.hidden, cfg.locate_colours) if cfg.locate_colours else None
 
     def add_locate_head(self, bins: int, layer: int = 0) -> None:
         """Give a trained model a (fresh) locate head, e.g. before fine-tuning it with the locate loss."""
@@ -150,6 +157,15 @@ class Understanding(nn.Module):
         ref = next(self.lm.parameters())
         self.cfg = cfg
         self.locate_head = nn.Linear(cfg.hidden, 2 * bins).to(device=ref.device, dtype=ref.dtype)
+
+    def add_locate_colours(self, colours: int) -> None:
+        """Give a model with a locate head a (fresh) colour output beside it (``locate_colours``)."""
+        if self.locate_colour_head is not None:
+            raise ValueError("this model's locate head already predicts colours")
+        cfg = UnderstandingConfig.model_validate({**self.cfg.model_dump(), "locate_colours": colours})
+        ref = next(self.lm.parameters())
+        self.cfg = cfg
+        self.locate_colour_head = nn.Linear(cfg.hidden, colours).to(device=ref.device, dtype=ref.dtype)
 
     @property
     def n_image_tokens(self) -> int:
@@ -195,15 +211,24 @@ class Understanding(nn.Module):
 
     def _locate_loss(self, hidden: torch.Tensor, locate: torch.Tensor) -> torch.Tensor:
         """Cross-entropy of the locate head: ``locate`` is ``(K, 4)`` rows of (batch row, index of a
-        name's last token in ``ids``, column, row of that object's centre among ``locate_bins``);
-        the column's plus the row's loss, each a mean over the K names (0 when K is 0)."""
+        name's last token in ``ids``, column, row of that object's centre among ``locate_bins``), or
+        ``(K, 5)`` with that object's colour index last when the head predicts colours
+        (``locate_colours``); the column's plus the row's (plus the colour's) loss, each a mean over
+        the K names (0 when K is 0)."""
         if self.locate_head is None:
             raise ValueError("this model has no locate head (locate_bins is 0)")
-        if locate.numel() == 0:  # still touches the head, so a data-parallel step sees every parameter used
-            return 0.0 * self.locate_head.weight.float().sum()
-        out = self.locate_head(hidden[locate[:, 0], self.n_image_tokens + locate[:, 1]]).float()
+        heads = [h for h in (self.locate_head, self.locate_colour_head) if h is not None]
+        if locate.dim() != 2 or locate.shape[1] != 3 + len(heads):
+            raise ValueError(f"locate targets are (K, {3 + len(heads)}) for this head, got {tuple(locate.shape)}")
+        if locate.numel() == 0:  # still touches the heads, so a data-parallel step sees every parameter used
+            return sum(0.0 * h.weight.float().sum() for h in heads)
+        h = hidden[locate[:, 0], self.n_image_tokens + locate[:, 1]]
+        out = self.locate_head(h).float()
         bins = self.cfg.locate_bins
-        return F.cross_entropy(out[:, :bins], locate[:, 2]) + F.cross_entropy(out[:, bins:], locate[:, 3])
+        loss = F.cross_entropy(out[:, :bins], locate[:, 2]) + F.cross_entropy(out[:, bins:], locate[:, 3])
+        if self.locate_colour_head is not None:
+            loss = loss + F.cross_entropy(self.locate_colour_head(h).float(), locate[:, 4])
+        return loss
 
     def _object_loss(self, tokens: torch.Tensor, objects: dict[str, torch.Tensor]) -> torch.Tensor:
         """Cross-entropy of the object heads on the image tokens: ``objects[name]`` is ``(B, grid*grid)``,

@@ -15,6 +15,7 @@ from components.base_data import object_cells
 from components.inference import ImageSizeError, InputError, Teacher
 from components.training import LocalReporter, StageContext, run_training
 from components.world.datasets import WorldDataParams, build_world_data
+from components.world.palette import COLOUR_NAMES
 from components.world.render import random_scene, render
 
 TINY = dict(steps=6, ae_steps=2, checkpoint_every=3, log_every=1, batch_size=4, ae_batch_size=4,
@@ -263,6 +264,21 @@ def test_locate_head_fine_tunes_on_the_objects_the_questions_name(world, tmp_pat
     md5b = checkpoints.save_checkpoint(tmp_path / "ckpt2", out.tensors, out.config, {"stage": "base"}, out.samples)
     again = Teacher.load(tmp_path / "ckpt2", md5b)
     assert torch.equal(again.understanding.locate_head.weight, teacher.understanding.locate_head.weight.detach())
+    assert again.understanding.locate_colour_head is None
+    # a second fine-tune of that checkpoint gives the same head a colour output: the named object's colour
+    with pytest.raises(ValueError, match="und_locate_loss"):
+        base.Params(und_locate_colours=True)
+    kw2 = {**kw, "import_path": str(tmp_path / "ckpt2"), "import_md5": md5b, "und_locate_colours": True}
+    coloured = run_training(base, ctx(pworld, **kw2), LocalReporter(tmp_path / "c"))
+    und = coloured.extra["teacher"].understanding
+    assert und.cfg.locate_colours == len(COLOUR_NAMES)
+    for i, (q, targets) in enumerate(zip(rows.texts, coloured.data["und_locate"])):
+        refs = referents(q, Scene.from_json(rows.scenes[i])) if rows.scenes[i] else []
+        assert [t[:3] for t in targets] == data["und_locate"][i]
+        assert [t[3] for t in targets] == [COLOUR_NAMES.index(obj.colour) for _, obj in refs]
+    assert base._und_batch(coloured, g)[3]["locate"].shape[1] == 5
+    out2 = base.export(coloured)
+    assert out2.tensors["understanding.locate_colour_head.weight"].shape == (len(COLOUR_NAMES), TINY["und_hidden"])
 
 
 @pytest.mark.parametrize("factor,patch", [(1, 8), (2, 4)])

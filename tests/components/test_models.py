@@ -376,6 +376,32 @@ def test_a_locate_head_added_to_a_trained_model_is_saved_in_its_config():
         m.add_locate_head(8)
 
 
+def test_the_locate_heads_colour_output_adds_the_named_objects_colour_to_its_loss():
+    """locate_colours: the loss gains the colour's cross-entropy at the same tokens (rows carry the colour
+    last); a model with a locate head gains the output later, saved in its config; wrong widths are named."""
+    torch.manual_seed(0)
+    m = Understanding(UnderstandingConfig(**{**TINY_UND, "layers": 4}, locate_bins=4))
+    images, ids = torch.randn(2, 3, 64, 64), torch.tensor([[5, 6, 1, 9, 2], [7, 1, 8, 2, 0]])
+    labels = torch.full_like(ids, IGNORE)
+    locate = torch.tensor([[0, 1, 3, 0, 2], [1, 0, 1, 2, 5]])  # (row, token, column, row, colour)
+    with pytest.raises(ValueError, match=r"\(K, 4\)"):
+        m(images, ids, labels, locate=locate)
+    only_place = m(images, ids, labels, locate=locate[:, :4])["locate"]
+    m.add_locate_colours(6)
+    assert m.cfg.locate_colours == 6 and m.locate_colour_head.out_features == 6
+    with pytest.raises(ValueError, match="already predicts"):
+        m.add_locate_colours(6)
+    got = m(images, ids, labels, locate=locate)["locate"]
+    hidden = m.lm(inputs_embeds=m._embed(images, ids), output_hidden_states=True).hidden_states[2]
+    colour = F.cross_entropy(m.locate_colour_head(hidden[locate[:, 0], m.n_image_tokens + locate[:, 1]]), locate[:, 4])
+    assert got.item() == pytest.approx(only_place.item() + colour.item(), rel=1e-5)
+    assert m(images, ids, labels, locate=locate[:0])["locate"].item() == 0.0
+    again = Understanding(UnderstandingConfig.model_validate(m.cfg.model_dump()))
+    again.load_state_dict(m.state_dict())  # the config rebuilds the colour output too
+    with pytest.raises(ValueError, match="needs a locate head"):
+        UnderstandingConfig(**TINY_UND, locate_colours=6)
+
+
 def test_understanding_kv_cache_generation_matches_recomputation():
     torch.manual_seed(0)
     m = Understanding(UnderstandingConfig(**TINY_UND)).eval()
