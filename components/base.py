@@ -14,8 +14,9 @@
 3. every step: the understanding expert (next-token cross-entropy on answers and captions), plus,
    from the scenes the rows carry, the object heads' loss (``und_object_loss``) and the locate
    head's (``und_locate_loss``: where each object a question names lies, read at its name's last
-   token, and with ``und_locate_colours`` its colour too); ``und_kind_weights`` draws rows of some
-   question kinds more often.
+   token, and with ``und_locate_colours`` its colour too) and the count head's (``und_count_loss``:
+   how many objects the description a count or existence question asks about fits);
+   ``und_kind_weights`` draws rows of some question kinds more often.
 
 ``source: import`` loads a base checkpoint from ``import_path`` (verified against
 ``import_md5`` before anything reads it) and exports it unchanged, with its lineage.
@@ -55,7 +56,8 @@ from components.models.understanding import IGNORE, Understanding, Understanding
 from components.world.geneval_prompts import make_prompts
 from components.world.palette import CLASSES, COLOUR_NAMES
 from components.world.render import Scene
-from components.world.understanding import QUESTION_KINDS, question_kind, referents
+from components.world.prompts import NUMBERS
+from components.world.understanding import QUESTION_KINDS, counted, question_kind, referents
 from components.training import (Export, StageContext, TrainParams, TrainState, ema_update, scheduled_lr, set_lr,
                                  step_generator, warmup_lr)
 
@@ -131,6 +133,9 @@ class Params(TrainParams):
     und_locate_layer: int = Field(0, ge=0, description="the layer the locate head reads (0: half the depth)")
     und_locate_colours: bool = Field(False, description="the locate head also predicts each named object's colour "
                                                         "(in the same loss); needs und_locate_loss > 0")
+    und_count_loss: float = Field(0.0, ge=0, description="weight of the count head's loss: at the last token of the "
+                                                         "description a count or existence question asks about, how "
+                                                         "many objects fit it (read at und_locate_layer)")
     und_kind_weights: dict[str, float] = Field(default_factory=dict, description="question kind -> how many times as "
                                                "often its rows are drawn (e.g. {position: 4}); other rows weigh 1")
     und_batch_size: int = Field(32, ge=1)
@@ -201,7 +206,8 @@ def build_teacher(p: Params, tok: Tokenizer) -> Teacher:
         grid=p.und_grid, encoder=p.und_encoder, object_classes=len(CLASSES) if heads else 0,
         object_colours=len(COLOUR_NAMES) if heads else 0,
         locate_bins=p.und_locate_bins if p.und_locate_loss > 0 else 0, locate_layer=p.und_locate_layer,
-        locate_colours=len(COLOUR_NAMES) if p.und_locate_loss > 0 and p.und_locate_colours else 0))
+        locate_colours=len(COLOUR_NAMES) if p.und_locate_loss > 0 and p.und_locate_colours else 0,
+        count_classes=len(NUMBERS) if p.und_count_loss > 0 else 0))
     return Teacher(ae, gen, und, tok, bf16=p.bf16)
 
 
@@ -229,6 +235,8 @@ def setup(ctx: StageContext) -> TrainState:
             und.add_locate_head(p.und_locate_bins, p.und_locate_layer)
         if p.und_locate_loss > 0 and p.und_locate_colours and und.locate_colour_head is None:
             und.add_locate_colours(len(COLOUR_NAMES))
+        if p.und_count_loss > 0 and und.count_head is None:
+            und.add_count_head(len(NUMBERS))
     else:
         teacher, metrics = build_teacher(p, _tokenizer(world)), {}
     ema = Generator(teacher.generator.cfg)
@@ -248,6 +256,7 @@ def setup(ctx: StageContext) -> TrainState:
         optimizers["ae"] = torch.optim.AdamW(modules["autoencoder"].parameters(), lr=p.ae_lr, weight_decay=0.0)
     data = {"world": world, "gen_text": {}, "und": _und_rows(world, teacher),
             "und_objects": _und_objects(world, teacher), "und_locate": _und_locate(world, teacher),
+            "und_count": _und_count(world, teacher),
             "und_weights": _und_weights(world, p.und_kind_weights)}
     return TrainState(modules, optimizers, data, extra={"params": p, "rank": ctx.rank, "teacher": teacher, **extra})
 
@@ -314,6 +323,23 @@ def _und_locate(world: WorldSets, teacher: Teacher) -> list[list[tuple[int, ...]
                 colour = (COLOUR_NAMES.index(obj.colour),) if und.locate_colour_head is not None else ()
                 targets.append((len(teacher.encode(prefix)) - 1, *cell, *colour))
         out.append(targets)
+    return out
+
+
+def _und_count(world: WorldSets, teacher: Teacher) -> list[tuple[int, int] | None] | None:
+    """The count head's target of every understanding row: (index of the description's last token in
+    the question's ids, how many objects fit it) for count and existence questions, else None; None
+    without a count head."""
+    und = teacher.understanding
+    if world.und_train is None or und.count_head is None:
+        return None
+    rows = world.und_train
+    scenes = rows.scenes or [None] * len(rows)
+    out: list[tuple[int, int] | None] = []
+    for question, scene in zip(rows.texts, scenes):
+        got = counted(question, Scene.from_json(scene)) if scene is not None else None
+        out.append(None if got is None or got[1] >= und.cfg.count_classes
+                   else (len(teacher.encode(got[0])) - 1, got[1]))
     return out
 
 
@@ -446,8 +472,8 @@ def _gen_step(state: TrainState, step: int, g: torch.Generator) -> dict[str, flo
 
 def _und_batch(state: TrainState, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict]:
     """Images, right-padded ``question sep answer eos`` ids, labels on the answer and eos only, and
-    the auxiliary targets: ``objects`` (the object heads') and ``locate`` (the locate head's, ``(K, 4)``,
-    or ``(K, 5)`` with colours)
+    the auxiliary targets: ``objects`` (the object heads'), ``locate`` (the locate head's, ``(K, 4)``,
+    or ``(K, 5)`` with colours) and ``count`` (the count head's, ``(K, 3)``)
     where the model has those heads. Rows are drawn uniformly, or by ``und_kind_weights``."""
     p: Params = state.extra["params"]
     rows, weights = state.data["und"], state.data.get("und_weights")
@@ -471,6 +497,10 @@ def _und_batch(state: TrainState, g: torch.Generator) -> tuple[torch.Tensor, tor
         width = 4 + (state.extra["teacher"].understanding.locate_colour_head is not None)
         aux["locate"] = torch.tensor([(r, *t) for r, i in enumerate(idx.tolist()) for t in locate[i]],
                                      dtype=torch.long).reshape(-1, width)
+    count = state.data.get("und_count")
+    if count is not None:
+        aux["count"] = torch.tensor([(r, *count[i]) for r, i in enumerate(idx.tolist()) if count[i] is not None],
+                                    dtype=torch.long).reshape(-1, 3)
     return images_to_unit(state.data["world"].und_train.images[idx]), ids, labels, aux
 
 
@@ -486,7 +516,8 @@ def _und_step(state: TrainState, step: int, g: torch.Generator) -> dict[str, flo
         else:
             losses = model(images, ids, labels, **aux)
             lm_loss = loss = losses["lm"]
-            for name, weight in (("object", p.und_object_loss), ("locate", p.und_locate_loss)):
+            for name, weight in (("object", p.und_object_loss), ("locate", p.und_locate_loss),
+                                 ("count", p.und_count_loss)):
                 if name in losses:
                     logs[f"und_{name}_loss"] = losses[name].item()
                     loss = loss + weight * losses[name]

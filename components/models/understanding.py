@@ -19,7 +19,9 @@ to the square?") and predicts where that object's centre lies (``locate_bins`` c
 it teaches the language model to carry each named object's place into the question, which a
 relation between two objects needs (reports/NOTES.md, twenty-ninth session). With ``locate_colours``
 it also predicts that object's colour there, so the object found is also read ("what colour is the
-circle?"; thirtieth session).
+circle?"; thirtieth session). A count head (``count_classes``) reads the same layer at the last token of
+the description a count or existence question asks about ("how many red **shapes**", "is there a blue
+**star**") and predicts how many objects fit it.
 """
 
 from __future__ import annotations
@@ -63,6 +65,9 @@ class UnderstandingConfig(BaseModel):
     locate_layer: int = Field(0, ge=0, description="the layer whose output the locate head reads (0: half the depth)")
     locate_colours: int = Field(0, ge=0, description="> 0: the locate head also predicts the named object's colour "
                                                      "(of this many); needs locate_bins")
+    count_classes: int = Field(0, ge=0, description="> 0: a head predicting, at the last token of the description a "
+                                                    "count or existence question asks about, how many objects fit "
+                                                    "it (0 .. count_classes - 1), read at locate_layer")
 
     @model_validator(mode="after")
     def _check_locate(self) -> "UnderstandingConfig":
@@ -148,6 +153,7 @@ class Understanding(nn.Module):
             self.object_heads["colour"] = nn.Linear(cfg.hidden, cfg.object_colours + 1)
         self.locate_head = nn.Linear(cfg.hidden, 2 * cfg.locate_bins) if cfg.locate_bins else None
         self.locate_colour_head = nn.Linear(cfg.hidden, cfg.locate_colours) if cfg.locate_colours else None
+        self.count_head = nn.Linear(cfg.hidden, cfg.count_classes) if cfg.count_classes else None
 
     def add_locate_head(self, bins: int, layer: int = 0) -> None:
         """Give a trained model a (fresh) locate head, e.g. before fine-tuning it with the locate loss."""
@@ -166,6 +172,15 @@ class Understanding(nn.Module):
         ref = next(self.lm.parameters())
         self.cfg = cfg
         self.locate_colour_head = nn.Linear(cfg.hidden, colours).to(device=ref.device, dtype=ref.dtype)
+
+    def add_count_head(self, classes: int) -> None:
+        """Give a trained model a (fresh) count head (``count_classes``)."""
+        if self.count_head is not None:
+            raise ValueError("this model already has a count head")
+        cfg = UnderstandingConfig.model_validate({**self.cfg.model_dump(), "count_classes": classes})
+        ref = next(self.lm.parameters())
+        self.cfg = cfg
+        self.count_head = nn.Linear(cfg.hidden, classes).to(device=ref.device, dtype=ref.dtype)
 
     @property
     def n_image_tokens(self) -> int:
@@ -187,27 +202,43 @@ class Understanding(nn.Module):
         return torch.cat([tokens.to(self.lm.dtype), self.lm.get_input_embeddings()(ids)], dim=1)
 
     def forward(self, images: torch.Tensor, ids: torch.Tensor, labels: torch.Tensor,
-                objects: dict[str, torch.Tensor] | None = None, locate: torch.Tensor | None = None
-                ) -> torch.Tensor | dict[str, torch.Tensor]:
+                objects: dict[str, torch.Tensor] | None = None, locate: torch.Tensor | None = None,
+                count: torch.Tensor | None = None) -> torch.Tensor | dict[str, torch.Tensor]:
         """Cross-entropy of next-token prediction; ``labels`` is ``ids`` with IGNORE off the answer.
 
         ``ids``/``labels`` are right-padded ``(B, T)``; the image prefix is never a target. With
-        ``objects`` (see :meth:`_object_loss`) or ``locate`` (see :meth:`_locate_loss`), returns
-        ``{"lm": ..., "object": ..., "locate": ...}`` (the losses asked for) from one pass.
+        ``objects`` (see :meth:`_object_loss`), ``locate`` (see :meth:`_locate_loss`) or ``count`` (see
+        :meth:`_count_loss`), returns ``{"lm": ..., "object": ..., "locate": ..., "count": ...}`` (the
+        losses asked for) from one pass.
         """
         tokens = self._tokens(images)
-        out = self.lm(inputs_embeds=self._join(tokens, ids), output_hidden_states=locate is not None)
+        read = locate is not None or count is not None
+        out = self.lm(inputs_embeds=self._join(tokens, ids), output_hidden_states=read)
         logits = out.logits[:, self.n_image_tokens - 1:-1]
         lm_loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
                                   ignore_index=IGNORE)
-        if objects is None and locate is None:
+        if objects is None and not read:
             return lm_loss
         losses = {"lm": lm_loss}
         if objects is not None:
             losses["object"] = self._object_loss(tokens, objects)
         if locate is not None:
             losses["locate"] = self._locate_loss(out.hidden_states[self.cfg.locate_at], locate)
+        if count is not None:
+            losses["count"] = self._count_loss(out.hidden_states[self.cfg.locate_at], count)
         return losses
+
+    def _count_loss(self, hidden: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy of the count head: ``count`` is ``(K, 3)`` rows of (batch row, index of a
+        description's last token in ``ids``, how many objects fit it); a mean over the K (0 when K is 0)."""
+        if self.count_head is None:
+            raise ValueError("this model has no count head (count_classes is 0)")
+        if count.dim() != 2 or count.shape[1] != 3:
+            raise ValueError(f"count targets are (K, 3), got {tuple(count.shape)}")
+        if count.numel() == 0:  # still touches the head, so a data-parallel step sees every parameter used
+            return 0.0 * self.count_head.weight.float().sum()
+        out = self.count_head(hidden[count[:, 0], self.n_image_tokens + count[:, 1]]).float()
+        return F.cross_entropy(out, count[:, 2])
 
     def _locate_loss(self, hidden: torch.Tensor, locate: torch.Tensor) -> torch.Tensor:
         """Cross-entropy of the locate head: ``locate`` is ``(K, 4)`` rows of (batch row, index of a

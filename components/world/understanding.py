@@ -147,6 +147,39 @@ def referents(question: str, scene: Scene) -> list[tuple[str, Obj]]:
     return []
 
 
+# the questions that ask how many objects fit a description, and the part of each that is the description
+_COUNTING = (re.compile(r"(how many (?P<d>[a-z ]+?)) are there\?$"), re.compile(r"(is there an? (?P<d>[a-z ]+?))\?$"))
+
+
+def counted(question: str, scene: Scene) -> tuple[str, int] | None:
+    """For a count or existence question worded as :func:`ask` words it, the question's text up to and
+    including its description and how many of the scene's objects fit it: "how many red shapes are
+    there?" -> ``("how many red shapes", 2)``, "is there a blue star?" -> ``("is there a blue star", 0)``;
+    None for other questions or descriptions the world's words do not make."""
+    q = question.strip().lower()
+    for pattern in _COUNTING:
+        m = pattern.match(q)
+        if m is None:
+            continue
+        words = m.group("d").split()
+        if words == ["shapes"]:
+            fits = list(scene.objects)
+        elif len(words) == 2 and words[1] == "shapes" and words[0] in COLOUR_NAMES:
+            fits = [o for o in scene.objects if o.colour == words[0]]
+        elif len(words) == 1 and (cls := _singular(words[0])) is not None:
+            fits = [o for o in scene.objects if o.cls == cls]
+        elif len(words) == 2 and words[0] in COLOUR_NAMES and words[1] in CLASSES:
+            fits = [o for o in scene.objects if (o.colour, o.cls) == (words[0], words[1])]
+        else:
+            return None
+        return q[:m.end("d")], len(fits)
+    return None
+
+
+def _singular(word: str) -> str | None:
+    return next((c for c in CLASSES if word in (c, plural(c))), None)
+
+
 _ASK = {"count": _count, "colour": _colour, "shape": _shape, "position": _position, "existence": _existence}
 
 

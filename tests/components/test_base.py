@@ -16,6 +16,7 @@ from components.inference import ImageSizeError, InputError, Teacher
 from components.training import LocalReporter, StageContext, run_training
 from components.world.datasets import WorldDataParams, build_world_data
 from components.world.palette import COLOUR_NAMES
+from components.world.prompts import NUMBERS
 from components.world.render import random_scene, render
 
 TINY = dict(steps=6, ae_steps=2, checkpoint_every=3, log_every=1, batch_size=4, ae_batch_size=4,
@@ -268,10 +269,21 @@ def test_locate_head_fine_tunes_on_the_objects_the_questions_name(world, tmp_pat
     # a second fine-tune of that checkpoint gives the same head a colour output: the named object's colour
     with pytest.raises(ValueError, match="und_locate_loss"):
         base.Params(und_locate_colours=True)
-    kw2 = {**kw, "import_path": str(tmp_path / "ckpt2"), "import_md5": md5b, "und_locate_colours": True}
+    # (and a count head: how many objects a count question's description fits, at its last word)
+    kw2 = {**kw, "import_path": str(tmp_path / "ckpt2"), "import_md5": md5b, "und_locate_colours": True,
+           "und_count_loss": 1.0}
     coloured = run_training(base, ctx(pworld, **kw2), LocalReporter(tmp_path / "c"))
     und = coloured.extra["teacher"].understanding
-    assert und.cfg.locate_colours == len(COLOUR_NAMES)
+    assert und.cfg.locate_colours == len(COLOUR_NAMES) and und.cfg.count_classes == len(NUMBERS)
+    n_count = 0
+    for q, a, target in zip(rows.texts, rows.answers, coloured.data["und_count"]):
+        if not q.startswith("how many"):
+            assert target is None
+            continue
+        token, n = target
+        assert NUMBERS[n] == a and teacher.tokenizer.decode([teacher.encode(q)[token]]) == q.split()[-3]
+        n_count += 1
+    assert n_count > 0 and all(np.isfinite(h["und_count_loss"]) for h in coloured.extra["history"])
     for i, (q, targets) in enumerate(zip(rows.texts, coloured.data["und_locate"])):
         refs = referents(q, Scene.from_json(rows.scenes[i])) if rows.scenes[i] else []
         assert [t[:3] for t in targets] == data["und_locate"][i]
@@ -279,6 +291,7 @@ def test_locate_head_fine_tunes_on_the_objects_the_questions_name(world, tmp_pat
     assert base._und_batch(coloured, g)[3]["locate"].shape[1] == 5
     out2 = base.export(coloured)
     assert out2.tensors["understanding.locate_colour_head.weight"].shape == (len(COLOUR_NAMES), TINY["und_hidden"])
+    assert out2.tensors["understanding.count_head.weight"].shape == (len(NUMBERS), TINY["und_hidden"])
 
 
 @pytest.mark.parametrize("factor,patch", [(1, 8), (2, 4)])

@@ -402,6 +402,31 @@ def test_the_locate_heads_colour_output_adds_the_named_objects_colour_to_its_los
         UnderstandingConfig(**TINY_UND, locate_colours=6)
 
 
+def test_the_count_head_reads_the_description_token_at_the_locate_layer():
+    """count_classes: the count loss is the head's cross-entropy on the hidden state after locate_layer at
+    the given tokens (checked against a recomputation); added later, it is saved in the config."""
+    torch.manual_seed(0)
+    m = Understanding(UnderstandingConfig(**{**TINY_UND, "layers": 4}))
+    images, ids = torch.randn(2, 3, 64, 64), torch.tensor([[5, 6, 1, 9, 2], [7, 1, 8, 2, 0]])
+    labels = torch.full_like(ids, IGNORE)
+    count = torch.tensor([[0, 1, 3], [1, 2, 0]])  # (row, token, how many)
+    with pytest.raises(ValueError, match="no count head"):
+        m(images, ids, labels, count=count)
+    m.add_count_head(6)
+    with pytest.raises(ValueError, match="already has"):
+        m.add_count_head(6)
+    losses = m(images, ids, labels, count=count)
+    assert set(losses) == {"lm", "count"}
+    hidden = m.lm(inputs_embeds=m._embed(images, ids), output_hidden_states=True).hidden_states[m.cfg.locate_at]
+    want = F.cross_entropy(m.count_head(hidden[count[:, 0], m.n_image_tokens + count[:, 1]]), count[:, 2])
+    assert losses["count"].item() == pytest.approx(want.item(), rel=1e-5)
+    assert m(images, ids, labels, count=count[:0])["count"].item() == 0.0
+    with pytest.raises(ValueError, match=r"\(K, 3\)"):
+        m(images, ids, labels, count=count[:, :2])
+    again = Understanding(UnderstandingConfig.model_validate(m.cfg.model_dump()))
+    again.load_state_dict(m.state_dict())
+
+
 def test_understanding_kv_cache_generation_matches_recomputation():
     torch.manual_seed(0)
     m = Understanding(UnderstandingConfig(**TINY_UND)).eval()

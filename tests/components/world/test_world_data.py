@@ -158,6 +158,35 @@ def test_question_kind_names_the_kind_of_every_question_the_world_asks():
         assert question_kind(other) is None
 
 
+def test_counted_is_how_many_objects_a_count_or_existence_question_describes():
+    from components.world.render import random_scene
+    from components.world.understanding import counted
+
+    s = Scene((Obj("circle", "red", 12, 12, 12), Obj("circle", "blue", 50, 12, 12), Obj("star", "red", 30, 50, 12)))
+    assert counted("How many circles are there?", s) == ("how many circles", 2)
+    assert counted("how many red shapes are there?", s) == ("how many red shapes", 2)
+    assert counted("how many shapes are there?", s) == ("how many shapes", 3)
+    assert counted("is there a blue star?", s) == ("is there a blue star", 0)
+    assert counted("is there an orange circle?", s) == ("is there an orange circle", 0)
+    for none in ("what colour is the star?", "how many dogs are there?", "describe the image in detail"):
+        assert counted(none, s) is None, none
+    # on the world's own questions: the number is the answer (count) or says it (existence)
+    rng = np.random.default_rng(6)
+    kinds = set()
+    for _ in range(300):
+        scene = random_scene(rng, int(rng.integers(1, 5)))
+        for kind, q, a in questions(scene, rng, 5):
+            got = counted(q, scene)
+            if kind not in ("count", "existence"):
+                assert got is None, q
+                continue
+            prefix, n = got
+            assert q.startswith(prefix) and q[len(prefix):] in (" are there?", "?")
+            assert a == (NUMBERS[n] if kind == "count" else ("yes" if n else "no")), (q, a, n)
+            kinds.add((kind, a if kind == "existence" else n > 0))
+    assert kinds == {("count", True), ("count", False), ("existence", "yes"), ("existence", "no")}
+
+
 def test_referents_are_the_objects_each_question_names_with_the_text_up_to_each_name():
     from components.world.render import random_scene
     from components.world.understanding import referents
