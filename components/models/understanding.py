@@ -157,30 +157,27 @@ class Understanding(nn.Module):
 
     def add_locate_head(self, bins: int, layer: int = 0) -> None:
         """Give a trained model a (fresh) locate head, e.g. before fine-tuning it with the locate loss."""
-        if self.locate_head is not None:
-            raise ValueError("this model already has a locate head")
-        cfg = UnderstandingConfig.model_validate({**self.cfg.model_dump(), "locate_bins": bins, "locate_layer": layer})
-        ref = next(self.lm.parameters())
-        self.cfg = cfg
-        self.locate_head = nn.Linear(cfg.hidden, 2 * bins).to(device=ref.device, dtype=ref.dtype)
+        self._add_head("locate_head", "this model already has a locate head", 2 * bins,
+                       locate_bins=bins, locate_layer=layer)
 
     def add_locate_colours(self, colours: int) -> None:
         """Give a model with a locate head a (fresh) colour output beside it (``locate_colours``)."""
-        if self.locate_colour_head is not None:
-            raise ValueError("this model's locate head already predicts colours")
-        cfg = UnderstandingConfig.model_validate({**self.cfg.model_dump(), "locate_colours": colours})
-        ref = next(self.lm.parameters())
-        self.cfg = cfg
-        self.locate_colour_head = nn.Linear(cfg.hidden, colours).to(device=ref.device, dtype=ref.dtype)
+        self._add_head("locate_colour_head", "this model's locate head already predicts colours", colours,
+                       locate_colours=colours)
 
     def add_count_head(self, classes: int) -> None:
         """Give a trained model a (fresh) count head (``count_classes``)."""
-        if self.count_head is not None:
-            raise ValueError("this model already has a count head")
-        cfg = UnderstandingConfig.model_validate({**self.cfg.model_dump(), "count_classes": classes})
+        self._add_head("count_head", "this model already has a count head", classes, count_classes=classes)
+
+    def _add_head(self, attr: str, exists: str, outputs: int, **fields) -> None:
+        """A fresh linear head ``attr`` on the hidden state, with ``fields`` set in the config (validated
+        first, so a bad value changes nothing), on the model's device and dtype."""
+        if getattr(self, attr) is not None:
+            raise ValueError(exists)
+        cfg = UnderstandingConfig.model_validate({**self.cfg.model_dump(), **fields})
         ref = next(self.lm.parameters())
         self.cfg = cfg
-        self.count_head = nn.Linear(cfg.hidden, classes).to(device=ref.device, dtype=ref.dtype)
+        setattr(self, attr, nn.Linear(cfg.hidden, outputs).to(device=ref.device, dtype=ref.dtype))
 
     @property
     def n_image_tokens(self) -> int:

@@ -158,8 +158,19 @@ def test_question_kind_names_the_kind_of_every_question_the_world_asks():
         assert question_kind(other) is None
 
 
-def test_counted_is_how_many_objects_a_count_or_existence_question_describes():
+def _world_questions(seed: int, scenes: int):
+    """(scene, kind, question, answer) for up to 5 of the world's questions about each of ``scenes``
+    random scenes of 1-4 objects."""
     from components.world.render import random_scene
+
+    rng = np.random.default_rng(seed)
+    for _ in range(scenes):
+        scene = random_scene(rng, int(rng.integers(1, 5)))
+        for kind, q, a in questions(scene, rng, 5):
+            yield scene, kind, q, a
+
+
+def test_counted_is_how_many_objects_a_count_or_existence_question_describes():
     from components.world.understanding import counted
 
     s = Scene((Obj("circle", "red", 12, 12, 12), Obj("circle", "blue", 50, 12, 12), Obj("star", "red", 30, 50, 12)))
@@ -171,24 +182,20 @@ def test_counted_is_how_many_objects_a_count_or_existence_question_describes():
     for none in ("what colour is the star?", "how many dogs are there?", "describe the image in detail"):
         assert counted(none, s) is None, none
     # on the world's own questions: the number is the answer (count) or says it (existence)
-    rng = np.random.default_rng(6)
     kinds = set()
-    for _ in range(300):
-        scene = random_scene(rng, int(rng.integers(1, 5)))
-        for kind, q, a in questions(scene, rng, 5):
-            got = counted(q, scene)
-            if kind not in ("count", "existence"):
-                assert got is None, q
-                continue
-            prefix, n = got
-            assert q.startswith(prefix) and q[len(prefix):] in (" are there?", "?")
-            assert a == (NUMBERS[n] if kind == "count" else ("yes" if n else "no")), (q, a, n)
-            kinds.add((kind, a if kind == "existence" else n > 0))
+    for scene, kind, q, a in _world_questions(seed=6, scenes=300):
+        got = counted(q, scene)
+        if kind not in ("count", "existence"):
+            assert got is None, q
+            continue
+        prefix, n = got
+        assert q.startswith(prefix) and q[len(prefix):] in (" are there?", "?")
+        assert a == (NUMBERS[n] if kind == "count" else ("yes" if n else "no")), (q, a, n)
+        kinds.add((kind, a if kind == "existence" else n > 0))
     assert kinds == {("count", True), ("count", False), ("existence", "yes"), ("existence", "no")}
 
 
 def test_referents_are_the_objects_each_question_names_with_the_text_up_to_each_name():
-    from components.world.render import random_scene
     from components.world.understanding import referents
 
     s = Scene((Obj("circle", "red", 12, 12, 12), Obj("circle", "blue", 50, 12, 12), Obj("star", "red", 30, 50, 12)))
@@ -201,21 +208,18 @@ def test_referents_are_the_objects_each_question_names_with_the_text_up_to_each_
                  "where is the green square relative to the star?"):  # no such object
         assert referents(none, s) == [], none
     # on the world's own questions: every naming question resolves, to the objects its answer is about
-    rng = np.random.default_rng(5)
     seen = set()
-    for _ in range(200):
-        scene = random_scene(rng, int(rng.integers(1, 5)))
-        for kind, q, a in questions(scene, rng, 5):
-            refs = referents(q, scene)
-            assert len(refs) == {"colour": 1, "shape": 1, "position": 2}.get(kind, 0), q
-            assert all(q.startswith(prefix) for prefix, _ in refs)
-            if kind == "colour":
-                assert refs[0][1].colour == a
-            elif kind == "shape":
-                assert refs[0][1].cls == a
-            elif kind == "position":
-                assert clear_relation(refs[0][1], refs[1][1]) == a
-            seen.add(kind)
+    for scene, kind, q, a in _world_questions(seed=5, scenes=200):
+        refs = referents(q, scene)
+        assert len(refs) == {"colour": 1, "shape": 1, "position": 2}.get(kind, 0), q
+        assert all(q.startswith(prefix) for prefix, _ in refs)
+        if kind == "colour":
+            assert refs[0][1].colour == a
+        elif kind == "shape":
+            assert refs[0][1].cls == a
+        elif kind == "position":
+            assert clear_relation(refs[0][1], refs[1][1]) == a
+        seen.add(kind)
     assert {"colour", "shape", "position"} <= seen
 
 
