@@ -311,13 +311,11 @@ def _und_locate(world: WorldSets, teacher: Teacher) -> list[list[tuple[int, ...]
     und = teacher.understanding
     if world.und_train is None or und.locate_head is None:
         return None
-    rows, bins = world.und_train, und.cfg.locate_bins
-    scenes = rows.scenes or [None] * len(rows)
+    bins = und.cfg.locate_bins
     out = []
-    for question, scene in zip(rows.texts, scenes):
+    for question, sc in _questions_and_scenes(world.und_train):
         targets = []
-        if scene is not None:
-            sc = Scene.from_json(scene)
+        if sc is not None:
             for prefix, obj in referents(question, sc):
                 cell = [min(bins - 1, int(c * bins / sc.size)) for c in (obj.cx, obj.cy)]
                 colour = (COLOUR_NAMES.index(obj.colour),) if und.locate_colour_head is not None else ()
@@ -333,14 +331,19 @@ def _und_count(world: WorldSets, teacher: Teacher) -> list[tuple[int, int] | Non
     und = teacher.understanding
     if world.und_train is None or und.count_head is None:
         return None
-    rows = world.und_train
-    scenes = rows.scenes or [None] * len(rows)
     out: list[tuple[int, int] | None] = []
-    for question, scene in zip(rows.texts, scenes):
-        got = counted(question, Scene.from_json(scene)) if scene is not None else None
+    for question, sc in _questions_and_scenes(world.und_train):
+        got = counted(question, sc) if sc is not None else None
         out.append(None if got is None or got[1] >= und.cfg.count_classes
                    else (len(teacher.encode(got[0])) - 1, got[1]))
     return out
+
+
+def _questions_and_scenes(rows: Rows):
+    """Each row's question and its scene (None for a row without one)."""
+    scenes = rows.scenes or [None] * len(rows)
+    for question, scene in zip(rows.texts, scenes):
+        yield question, Scene.from_json(scene) if scene is not None else None
 
 
 def _und_weights(world: WorldSets, kind_weights: dict[str, float]) -> torch.Tensor | None:
